@@ -1,0 +1,213 @@
+"""The `ddpm` command: train, sample.
+
+Every failure the user can fix ends in one line `ddpm: error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import Config, load_file
+from .errors import DdpmError
+
+_DEFAULTS = Config()
+
+# flag -> (section, key, type, help); defaults shown come from the config dataclasses.
+TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
+    ("--data", "data", "path", str, "image folder (read recursively) or builtin:digits | builtin:shapes"),
+    ("--run-name", "train", "run_name", str, "names models/RUN, results/RUN and runs/RUN"),
+    ("--workdir", "train", "workdir", str, "folder that holds models/, results/ and runs/"),
+    ("--epochs", "train", "epochs", int, "total epochs; a larger value continues a finished run"),
+    ("--batch-size", "train", "batch_size", int, "images per micro-batch"),
+    ("--grad-accum", "train", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--image-size", "data", "image_size", int, "side of the square training images"),
+    ("--channels", "data", "channels", int, "1 (grayscale) or 3 (RGB); 0 = the data's own"),
+    ("--hflip", "data", "hflip", bool, "random horizontal flips (true/false)"),
+    ("--data-cache", "data", "cache_dir", str, "folder for a memory-mapped cache of decoded images"),
+    ("--lr", "train", "lr", float, "AdamW learning rate"),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
+    ("--warmup-steps", "train", "warmup_steps", int, "linear learning-rate warmup steps"),
+    ("--grad-clip", "train", "grad_clip", float, "max gradient norm (0 = off)"),
+    ("--ema-decay", "train", "ema_decay", float, "EMA decay of the weights (0 = off)"),
+    ("--bf16", "train", "bf16", bool, "bf16 autocast on CPU or GPU (true/false)"),
+    ("--model-size", "model", "size", str, "named model size: tiny | small | seed | cifar"),
+    ("--timesteps", "diffusion", "timesteps", int, "number of diffusion steps T"),
+    ("--schedule", "diffusion", "schedule", str, "beta schedule: linear | cosine | sigmoid"),
+    ("--prediction", "diffusion", "prediction", str, "network target: eps | x0 | v"),
+    ("--seed", "train", "seed", int, "seed for weights, data order, noise and grids"),
+    ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N | mps"),
+    ("--sample-every", "train", "sample_every_epochs", int, "epochs between sample grids (0 = off)"),
+    ("--sample-every-steps", "train", "sample_every_steps", int, "steps between sample grids (0 = off)"),
+    ("--sample-sampler", "train", "sample_sampler", str, "sampler used for the grids"),
+    ("--sample-steps", "train", "sample_steps", int, "sampler steps used for the grids"),
+    ("--ckpt-every-steps", "train", "ckpt_every_steps", int, "extra checkpoint every N steps (0 = off)"),
+    ("--ckpt-every-minutes", "train", "ckpt_every_minutes", float, "extra checkpoint every M minutes (0 = off)"),
+    ("--log-every", "train", "log_every", int, "steps between TensorBoard scalars"),
+]
+
+TRAIN_EXAMPLES = """examples:
+  ddpm train --data builtin:digits --model-size tiny --image-size 16 --epochs 30 --batch-size 64
+  ddpm train --data path/to/dataset --run-name faces --image-size 64 --bf16 true
+  ddpm train --config run.toml --epochs 800      # continue run.toml's run to 800 epochs
+  ddpm train --run-name faces --fresh            # start the run over
+"""
+
+SAMPLE_EXAMPLES = """examples:
+  ddpm sample --ckpt models/DDPM_Unconditional/ckpt.pt -n 64 --out grid.png
+  ddpm sample --ckpt models/digits/ckpt.pt -n 1000 --out-dir samples/ --sampler dpm++2m --steps 20
+"""
+
+
+def _default(section: str, key: str) -> Any:
+    value = getattr(getattr(_DEFAULTS, section), key)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise DdpmError(f"--set expects SECTION.KEY=VALUE (e.g. train.ema_decay=0.999), got '{item}'")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _merge(base: dict[str, dict[str, Any]], top: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in top.items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Config file values, then explicitly given flags, then --set pairs."""
+    overrides = load_file(args.config) if args.config else {}
+    flags: dict[str, dict[str, Any]] = {}
+    for flag, section, key, _, _ in TRAIN_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    return _merge(_merge(overrides, flags), _parse_set(args.set or []))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .samplers import SAMPLERS, SPACINGS
+
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
+    parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    tr = sub.add_parser("train", help="train a model (resumes a run that exists)", epilog=TRAIN_EXAMPLES,
+                        formatter_class=fmt, description="Train a DDPM. Flags override --config, which overrides "
+                        "the defaults (the seed tutorial's launch() values); an existing run resumes.")
+    tr.add_argument("--config", metavar="FILE", help="TOML or YAML file with [model] [diffusion] [data] [train]")
+    for flag, section, key, typ, text in TRAIN_FLAGS:
+        kind = "true/false" if typ is bool else typ.__name__
+        tr.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
+                        else "BOOL", help=f"{text} (default: {_default(section, key)})")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
+    tr.add_argument("--fresh", action="store_true", help="start over even if the run has a checkpoint "
+                    "(the old one is kept as ckpt.prev.pt)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sa = sub.add_parser("sample", help="draw images from a checkpoint", epilog=SAMPLE_EXAMPLES, formatter_class=fmt,
+                        description="Draw images from a checkpoint's EMA weights. The model is rebuilt from the "
+                        "config stored in the checkpoint. Image k under --seed S is the same for any --batch-size.")
+    sa.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
+    sa.add_argument("-n", type=_positive_int, default=16, metavar="N", help="number of images (default: 16)")
+    sa.add_argument("--seed", type=int, default=0, help="seed; image k depends only on (seed, k) (default: 0)")
+    sa.add_argument("--out", metavar="FILE", help="grid image to write (.png/.jpg); default samples.png "
+                    "unless --out-dir is given")
+    sa.add_argument("--out-dir", metavar="DIR", help="also write each image as DIR/000000.png, ...")
+    sa.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="sampler (default: ddpm)")
+    sa.add_argument("--steps", type=_positive_int, default=None,
+                    help="sampler steps = model evaluations (Heun: 2*steps-1) (default: all T for ddpm/ddim, else 50)")
+    sa.add_argument("--spacing", choices=SPACINGS, default=None, help="noise-level spacing (default: per sampler)")
+    sa.add_argument("--eta", type=float, default=None, help="DDIM / DPM++ SDE noise factor in [0, 1]")
+    sa.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
+    sa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    sa.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import RunPaths, prepare, train
+
+    overrides = train_overrides(args)
+    cfg, ckpt = prepare(overrides, fresh=args.fresh)
+    if args.fresh:
+        path = RunPaths.of(cfg).ckpt
+        if path.exists():
+            path.replace(path.with_name("ckpt.prev.pt"))
+            print(f"--fresh: moved the old checkpoint to {path.with_name('ckpt.prev.pt')}")
+    summary = train(cfg, ckpt, progress=not args.no_progress)
+    if summary["status"] == "finished":
+        print(f"done: {summary['epoch']} epochs, {summary['step']} steps; checkpoint {summary['ckpt']}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .images import save_each, save_images
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    model, diffusion, cfg = load_model(args.ckpt, device, ema=not args.no_ema)
+    options = {}
+    if args.eta is not None:
+        if args.sampler not in ("ddim", "dpm++2m-sde"):
+            raise DdpmError(f"--eta applies to ddim and dpm++2m-sde, not {args.sampler}")
+        options["eta"] = args.eta
+    images = diffusion.sample(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                              batch_size=args.batch_size, spacing=args.spacing, bf16=args.bf16,
+                              progress=not args.no_progress, **options)
+    written = []
+    if args.out_dir:
+        save_each(images, args.out_dir)
+        written.append(f"{args.n} images in {args.out_dir}")
+    if args.out or not args.out_dir:
+        out = Path(args.out or "samples.png")
+        if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+            raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
+        save_images(images, out)
+        written.append(f"grid {out}")
+    print("wrote " + " and ".join(written))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_sample(args)
+    except DdpmError as exc:
+        print(f"ddpm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddpm: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

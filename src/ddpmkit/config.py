@@ -1,0 +1,289 @@
+"""Configuration: one dataclass per concern, merged from defaults, a checkpoint, a file and flags.
+
+Every field has a comment and a default; the defaults of `TrainConfig` and `DataConfig` are
+the seed tutorial's `launch()` values. A whole `Config` is stored in every checkpoint, so a
+checkpoint can rebuild its own model and diffusion process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import DdpmError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    size: str = "seed"                       # preset in models/registry.py the fields below came from
+    base_channels: int = 64                  # channels at full resolution
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)  # channels per level = base * mult; len-1 downsamplings
+    attn_levels: tuple[int, ...] = (0, 1, 2, 3)    # levels with self-attention; level k is image_size / 2**k
+    num_heads: int = 4                       # attention heads
+    time_dim: int = 256                      # sinusoidal time-embedding width
+    dropout: float = 0.0                     # dropout inside the conv blocks
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000                    # T, number of discrete diffusion steps
+    schedule: str = "linear"                 # beta schedule: linear | cosine | sigmoid
+    beta_start: float = 1e-4                 # linear/sigmoid schedule: first beta
+    beta_end: float = 0.02                   # linear/sigmoid schedule: last beta
+    zero_terminal_snr: bool = False          # rescale so alpha_bar_T = 0 (Lin et al. 2024)
+    prediction: str = "eps"                  # what the network predicts: eps | x0 | v
+    loss_weighting: str = "none"             # none | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0               # gamma of min-SNR weighting
+    variance: str = "beta"                   # ancestral-sampler variance: beta (sigma^2=beta_t) | posterior (beta-tilde)
+    clip_denoised: bool = True               # clip predicted x0 to [-1, 1] while sampling
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:digits"             # image folder, or builtin:digits | builtin:shapes
+    image_size: int = 64                     # images are resized and center-cropped to this square size
+    channels: int = 0                        # 1 or 3; 0 = auto (a builtin's own, 3 for folders)
+    hflip: bool = False                      # random horizontal flips while training
+    cache_dir: str = ""                      # folder for a memory-mapped decoded-image cache; "" = in memory
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "DDPM_Unconditional"     # names models/RUN, results/RUN and runs/RUN
+    workdir: str = "."                       # where models/, results/ and runs/ go
+    epochs: int = 500                        # total epochs (re-running with more continues the run)
+    batch_size: int = 8                      # images per micro-batch and process
+    grad_accum: int = 1                      # micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes)
+    lr: float = 3e-4                         # AdamW learning rate
+    weight_decay: float = 0.0                # AdamW weight decay
+    warmup_steps: int = 0                    # linear LR warmup over this many optimizer steps
+    grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.995                 # EMA of the weights (the seed's 0.995); 0 disables
+    bf16: bool = False                       # bf16 autocast (CPU with AMX/AVX512-bf16, or a recent GPU)
+    seed: int = 0                            # seeds weights, data order, noise and the sample grids
+    device: str = "auto"                     # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    log_every: int = 10                      # steps between TensorBoard scalars
+    sample_every_epochs: int = 1             # epochs between sample grids; 0 = never by epoch
+    sample_every_steps: int = 0              # steps between sample grids; 0 = never by step
+    sample_n: int = 16                       # images in each sample grid
+    sample_sampler: str = "ddpm"             # sampler for the grids
+    sample_steps: int = 100                  # sampler steps for the grids (fewer keeps grids cheap)
+    ckpt_every_steps: int = 0                # extra checkpoints every N optimizer steps; 0 = off
+    ckpt_every_minutes: float = 0.0          # extra checkpoints every M minutes; 0 = off (epoch ends always save)
+    max_nonfinite_steps: int = 20            # stop after this many non-finite losses/gradients in a row
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = dataclasses.asdict(self)
+        for section in out.values():
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Convert a value from a file, flag or checkpoint into the field's type, or explain why not."""
+    where = f"{section}.{key}"
+    origin = get_origin(hint)
+    try:
+        if origin is tuple:
+            (elem, _) = get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(_coerce(section, key, v, elem) for v in value)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if not isinstance(value, (int, str)):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    name = getattr(hint, "__name__", str(hint))
+    raise DdpmError(f"config value {where}={value!r} is not a valid {name}")
+
+
+def _hints(section: str) -> dict[str, Any]:
+    return get_type_hints(_SECTION_TYPES[section])
+
+
+def _unknown(kind: str, name: str, choices) -> DdpmError:
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(choices))})"
+    return DdpmError(f"unknown config {kind} '{name}'{hint}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Return a copy of `cfg` with `{section: {key: value}}` applied; unknown keys are errors."""
+    out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise _unknown("section", section, SECTIONS)
+        if not isinstance(values, dict):
+            raise DdpmError(f"config section '{section}' must be a table of key = value pairs")
+        hints = _hints(section)
+        target = getattr(out, section)
+        if section == "model" and "size" in values:
+            # A preset replaces the whole model section; explicit model keys then apply on top.
+            from .models.registry import preset
+
+            target = preset(str(values["size"]))
+            setattr(out, section, target)
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown(f"key in [{section}]", key, hints)
+            setattr(target, key, _coerce(section, key, value, hints[key]))
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML or YAML config file into `{section: {key: value}}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DdpmError(f"config file {path} not found; pass an existing .toml or .yaml file to --config")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise DdpmError(f"config file {path} must end in .toml, .yaml or .yml")
+    except DdpmError:
+        raise
+    except Exception as exc:  # parser errors name the line; keep them on one line
+        raise DdpmError(f"cannot parse config file {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise DdpmError(f"config file {path} must hold sections like [train] and [model]")
+    return data
+
+
+def from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown("section", section, SECTIONS)
+        hints = _hints(section)
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown(f"key in [{section}]", key, hints)
+            setattr(target, key, _coerce(section, key, value, hints[key]))
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise DdpmError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values with a message that names the field and the allowed range."""
+    from .models.registry import PRESETS
+    from .samplers import SAMPLERS
+
+    m, d, data, t = cfg.model, cfg.diffusion, cfg.data, cfg.train
+    _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
+    _check(len(m.channel_mults) >= 1 and all(c >= 1 for c in m.channel_mults),
+           f"model.channel_mults must be positive integers, got {list(m.channel_mults)}")
+    levels = len(m.channel_mults)
+    _check(all(0 <= a < levels for a in m.attn_levels),
+           f"model.attn_levels must lie in 0..{levels - 1} (one per channel_mults entry), got {list(m.attn_levels)}")
+    _check(m.num_heads >= 1, f"model.num_heads must be >= 1, got {m.num_heads}")
+    widths = [m.base_channels * c for c in m.channel_mults]
+    _check(all(w % m.num_heads == 0 for w in widths),
+           f"model.num_heads={m.num_heads} must divide every level's width {widths}")
+    _check(m.time_dim >= 2 and m.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {m.time_dim}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.size in PRESETS or m.size == "custom", f"model.size '{m.size}' is not one of {sorted(PRESETS)}")
+
+    _check(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
+    _check(d.schedule in ("linear", "cosine", "sigmoid"),
+           f"diffusion.schedule must be linear, cosine or sigmoid, got '{d.schedule}'")
+    if d.schedule in ("linear", "sigmoid"):
+        _check(0.0 < d.beta_start < 1.0, f"diffusion.beta_start must be in (0, 1), got {d.beta_start}")
+        _check(0.0 < d.beta_end < 1.0, f"diffusion.beta_end must be in (0, 1), got {d.beta_end}")
+        _check(d.beta_end > d.beta_start,
+               f"diffusion.beta_end ({d.beta_end}) must be greater than beta_start ({d.beta_start})")
+    _check(d.prediction in ("eps", "x0", "v"), f"diffusion.prediction must be eps, x0 or v, got '{d.prediction}'")
+    _check(d.loss_weighting in ("none", "min_snr"),
+           f"diffusion.loss_weighting must be none or min_snr, got '{d.loss_weighting}'")
+    _check(d.min_snr_gamma > 0, f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
+    _check(d.variance in ("beta", "posterior"), f"diffusion.variance must be beta or posterior, got '{d.variance}'")
+    _check(not (d.zero_terminal_snr and d.prediction == "eps"),
+           "diffusion.zero_terminal_snr needs prediction v or x0 (eps is undefined at SNR 0)")
+
+    _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
+    _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
+    factor = 2 ** (levels - 1)
+    _check(data.image_size % factor == 0,
+           f"image size {data.image_size} is not divisible by {factor}, which the model's "
+           f"{levels - 1} downsamplings need; use a multiple of {factor} (e.g. {max(factor, data.image_size // factor * factor)})")
+    _check(data.channels in (0, 1, 3), f"data.channels must be 1, 3 or 0 (auto), got {data.channels}")
+
+    _check(bool(t.run_name) and "/" not in t.run_name and "\\" not in t.run_name and t.run_name not in (".", ".."),
+           f"train.run_name '{t.run_name}' must be a plain folder name")
+    _check(t.epochs >= 0, f"train.epochs must be >= 0, got {t.epochs}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.sample_every_epochs >= 0, f"train.sample_every_epochs must be >= 0, got {t.sample_every_epochs}")
+    _check(t.sample_every_steps >= 0, f"train.sample_every_steps must be >= 0, got {t.sample_every_steps}")
+    _check(t.sample_n >= 1, f"train.sample_n must be >= 1, got {t.sample_n}")
+    _check(t.sample_sampler in SAMPLERS, f"train.sample_sampler '{t.sample_sampler}' is not one of {sorted(SAMPLERS)}")
+    _check(t.sample_steps >= 1, f"train.sample_steps must be >= 1, got {t.sample_steps}")
+    _check(t.ckpt_every_steps >= 0, f"train.ckpt_every_steps must be >= 0, got {t.ckpt_every_steps}")
+    _check(t.ckpt_every_minutes >= 0, f"train.ckpt_every_minutes must be >= 0, got {t.ckpt_every_minutes}")
+    _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    return cfg

@@ -1,0 +1,198 @@
+"""The forward process and the parameterization wrapper between a network and the samplers.
+
+`VPDenoiser` turns a network trained on a discrete VP schedule (predicting eps, x0 or v) into
+D(x, sigma), the x0 estimate in variance-exploding coordinates that every sampler uses.
+`Diffusion` is the seed tutorial's API (`Diffusion(img_size=...)`, `noise_images`,
+`sample_timesteps`, `sample`) on top of those pieces; it owns no sampler and no trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from . import samplers, schedules
+from .config import DiffusionConfig
+
+
+def to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x0 from a network output at x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar))."""
+    if prediction == "eps":
+        return (x_t - s * out) / a
+    if prediction == "x0":
+        return out
+    if prediction == "v":  # v = a eps - s x0 (Salimans & Ho 2022, §4), so x0 = a x_t - s v
+        return a * x_t - s * out
+    raise ValueError(f"unknown prediction '{prediction}'")
+
+
+def to_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """eps from a network output at x_t = a x0 + s eps."""
+    if prediction == "eps":
+        return out
+    if prediction == "x0":
+        return (x_t - a * out) / s
+    if prediction == "v":  # eps = s x_t + a v
+        return s * x_t + a * out
+    raise ValueError(f"unknown prediction '{prediction}'")
+
+
+def target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What the network should output for a given (x0, eps) pair."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return a * eps - s * x0
+    raise ValueError(f"unknown prediction '{prediction}'")
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class VPDenoiser(nn.Module):
+    """D(x, sigma) for a network trained on discrete VP timesteps 0..T-1.
+
+    The input x = x_VP / sqrt(alpha_bar) is scaled back by c_in = sqrt(alpha_bar) = 1/sqrt(1 + sigma^2),
+    sigma maps to a (fractional) timestep by interpolating log sigma over the model's grid, and the
+    output becomes an x0 estimate. With `learned_variance` the network's second half of channels
+    is the Improved-DDPM variance interpolation v in [-1, 1].
+    """
+
+    def __init__(self, net: nn.Module, alpha_bar: torch.Tensor, prediction: str = "eps", clip_denoised: bool = False,
+                 learned_variance: bool = False, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net = net
+        self.prediction = prediction
+        self.clip_denoised = clip_denoised
+        self.learned_variance = learned_variance
+        self.autocast_dtype = autocast_dtype
+        # Zero terminal SNR makes the last sigma infinite; 2**-24 keeps it finite for the samplers.
+        alpha_bar = alpha_bar.double().clamp(min=2.0**-24)
+        self.register_buffer("discrete_sigmas", schedules.vp_sigmas(alpha_bar).float(), persistent=False)
+        self.register_buffer("log_sigmas", self.discrete_sigmas.log(), persistent=False)
+        self.sigma_min = float(self.discrete_sigmas[0])
+        self.sigma_max = float(self.discrete_sigmas[-1])
+
+    def prior_std(self, sigma_max: float) -> float:
+        """Std of x at sigma_max: sqrt(1 + sigma^2), i.e. x_VP ~ N(0, I) as DDPM starts."""
+        return math.sqrt(1.0 + sigma_max**2)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep whose sigma is `sigma` (exact integers on the model's own grid)."""
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        w = ((log_sigma - lo_v) / (hi_v - lo_v)).clamp(0, 1)
+        return (hi - 1).float() + w
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, return_variance: bool = False):
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        t = self.sigma_to_t(sigma)
+        c_in = _bcast(1 / (1 + sigma**2).sqrt(), x)          # sqrt(alpha_bar)
+        s_vp = _bcast(sigma, x) * c_in                        # sqrt(1 - alpha_bar)
+        x_vp = x * c_in
+        ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else contextlib.nullcontext())
+        with ctx:
+            out = self.net(x_vp, t)
+        out = out.float()
+        if self.learned_variance:
+            out, var_out = out.chunk(2, dim=1)
+        x0 = to_x0(self.prediction, out, x_vp, c_in, s_vp)
+        if self.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        if return_variance:
+            if not self.learned_variance:
+                raise ValueError("this model has no learned variance")
+            return x0, (var_out.clamp(-1, 1) + 1) / 2
+        return x0
+
+
+class Diffusion:
+    """The seed tutorial's diffusion object: a linear-beta DDPM over `noise_steps` steps.
+
+    Holds the schedule (`beta`, `alpha`, `alpha_hat` as in the tutorial) and offers the forward
+    process and sampling; it delegates sampling to `samplers` through a `VPDenoiser`.
+    """
+
+    def __init__(self, noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 img_size: int = 64, device: str | torch.device = "cpu", channels: int = 3,
+                 schedule: str = "linear", prediction: str = "eps", variance: str = "beta",
+                 clip_denoised: bool = True, zero_terminal_snr: bool = False, learned_variance: bool = False):
+        self.noise_steps, self.beta_start, self.beta_end = noise_steps, beta_start, beta_end
+        self.img_size, self.channels, self.device = img_size, channels, torch.device(device)
+        self.schedule, self.prediction, self.variance = schedule, prediction, variance
+        self.clip_denoised, self.learned_variance = clip_denoised, learned_variance
+        self.alpha_bar64 = schedules.alpha_bar_schedule(schedule, noise_steps, beta_start, beta_end, zero_terminal_snr)
+        self.beta = self.prepare_noise_schedule().to(self.device)
+        self.alpha = 1.0 - self.beta
+        self.alpha_hat = self.alpha_bar64.float().to(self.device)
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, img_size: int, channels: int, device="cpu") -> "Diffusion":
+        return cls(noise_steps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end, img_size=img_size,
+                   device=device, channels=channels, schedule=cfg.schedule, prediction=cfg.prediction,
+                   variance=cfg.variance, clip_denoised=cfg.clip_denoised, zero_terminal_snr=cfg.zero_terminal_snr)
+
+    def prepare_noise_schedule(self) -> torch.Tensor:
+        """Betas of the schedule (the seed's method name)."""
+        return schedules.betas_from_alpha_bar(self.alpha_bar64).float()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, Eq. (4) of Ho et al. (2020)."""
+        ab = _bcast(self.alpha_hat.to(x0.device)[t], x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def noise_images(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seed's forward-process call: returns (x_t, eps)."""
+        eps = torch.randn_like(x)
+        return self.q_sample(x, t, eps), eps
+
+    def sample_timesteps(self, n: int) -> torch.Tensor:
+        """Uniform timesteps over the full range 0..T-1 (the tutorial skipped t=0)."""
+        return torch.randint(0, self.noise_steps, (n,), device=self.device)
+
+    def denoiser(self, model: nn.Module, bf16: bool = False) -> VPDenoiser:
+        return VPDenoiser(model, self.alpha_bar64, self.prediction, self.clip_denoised, self.learned_variance,
+                          torch.bfloat16 if bf16 else None).to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, model: nn.Module, n: int, sampler: str = "ddpm", steps: int | None = None,
+                 seed: int | None = None, first_index: int = 0, batch_size: int | None = None,
+                 spacing: str | None = None, bf16: bool = False, progress: bool = True, **options) -> torch.Tensor:
+        """`n` samples as float images in [-1, 1], shape (n, C, H, W), on the CPU.
+
+        Image k depends only on (seed, first_index + k), not on `batch_size`.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        if sampler == "ddpm":
+            options.setdefault("variance", self.variance)
+        was_training = model.training
+        model.eval()
+        denoiser = self.denoiser(model, bf16)
+        batch_size = batch_size or n
+        chunks = []
+        try:
+            bar = samplers.tqdm(total=n, desc=f"sampling ({sampler})", disable=not progress, unit="img")
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                x = samplers.run(denoiser, (b, self.channels, self.img_size, self.img_size), sampler, steps,
+                                 seed=seed, first_index=first_index + start, spacing=spacing, device=self.device,
+                                 **options)
+                chunks.append(x.clamp(-1, 1).cpu())
+                bar.update(b)
+            bar.close()
+        finally:
+            model.train(was_training)
+        return torch.cat(chunks)
+
+    def sample(self, model: nn.Module, n: int, **kwargs) -> torch.Tensor:
+        """The seed's call: `n` samples as uint8 images (n, C, H, W); keyword arguments as in `generate`."""
+        x = self.generate(model, n, **kwargs)
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,90 @@
+"""Image grids, saving and plotting (Pillow only)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Accept uint8 images or floats in [-1, 1]; return uint8 (N, C, H, W) on the CPU."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if images.ndim == 3:
+        images = images[None]
+    return images
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile (N, C, H, W) images into one (H', W', C) uint8 array, `nrow` images per row (default ~sqrt(N))."""
+    images = to_uint8(images)
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, np.uint8)
+    arr = images.permute(0, 2, 3, 1).numpy()
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = arr[k]
+    return grid
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def _atomic_image_save(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    img.save(tmp, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_images(images: torch.Tensor, path: str | Path, nrow: int | None = None, **grid_kwargs) -> Path:
+    """Save images as one grid (jpg, png, ... by the file's suffix); the seed's `save_images`."""
+    path = Path(path)
+    _atomic_image_save(_pil(make_grid(images, nrow, **grid_kwargs)), path)
+    return path
+
+
+def save_each(images: torch.Tensor, out_dir: str | Path, first_index: int = 0) -> list[Path]:
+    """Save image k as OUT_DIR/{first_index + k:06d}.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for k, a in enumerate(arr):
+        p = out_dir / f"{first_index + k:06d}.png"
+        _pil(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def plot_images(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    """Show images in a row-major grid (inline in notebooks, with matplotlib elsewhere); returns the grid."""
+    img = _pil(make_grid(images, nrow))
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if get_ipython() is not None:
+            display(img)
+            return img
+    except ImportError:
+        pass
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        img.show()
+        return img
+    plt.figure(figsize=(8, 8))
+    plt.imshow(np.asarray(img), cmap="gray" if img.mode == "L" else None)
+    plt.axis("off")
+    plt.show()
+    return img

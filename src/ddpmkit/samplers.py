@@ -1,0 +1,353 @@
+"""Samplers: pure functions sharing one signature.
+
+    sampler(denoiser, x, sigmas, *, noise=None, callback=None, progress=False, **options) -> x0
+
+All samplers work in variance-exploding coordinates x = x0 + sigma * eps (Karras et al. 2022,
+§2). `denoiser(x, sigma)` returns the model's estimate of x0; `sigmas` is a descending 1-D
+tensor ending with 0, and `x` starts as noise scaled to `sigmas[0]`. A discrete VP model
+(DDPM) fits this frame through `diffusion.VPDenoiser`, since x_VP / sqrt(alpha_bar) is such an
+x with sigma = sqrt((1 - alpha_bar) / alpha_bar). `noise(x)` draws standard normal noise shaped
+like x (per-sample seeded by `sample`); `callback(i, sigma, x, denoised)` sees every step.
+
+Adding a sampler means writing one function and one `SAMPLERS` entry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import schedules
+from .errors import DdpmError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _steps(sigmas: torch.Tensor, progress: bool, desc: str):
+    return tqdm(range(len(sigmas) - 1), desc=desc, disable=not progress, leave=False)
+
+
+def _noise_fn(noise):
+    return noise if noise is not None else torch.randn_like
+
+
+def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step into a deterministic part to sigma_down and fresh noise of std sigma_up.
+
+    sigma_up^2 = eta^2 sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 is the DDIM noise
+    sigma_eta of Song et al. (2021) Eq. (16) in these coordinates; eta = 1 is DDPM's posterior
+    variance beta-tilde (Ho et al. 2020, Eq. 7).
+    """
+    if sigma_to == 0:
+        return 0.0, 0.0
+    up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - up**2), up
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                progress: bool = False, eta: float = 0.0) -> torch.Tensor:
+    """DDIM, Song et al. (2021) Eq. (12): deterministic for eta = 0, DDPM-like for eta = 1."""
+    if not 0.0 <= eta <= 1.0:
+        raise DdpmError(f"DDIM eta must be in [0, 1], got {eta}")
+    noise = _noise_fn(noise)
+    for i in _steps(sigmas, progress, "ddim"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, s, x, denoised)
+        down, up = ancestral_sigmas(s, s_next, eta)
+        # x0 estimate plus the predicted noise direction scaled to sigma_down (Eq. 12's middle term).
+        x = denoised + (down / s) * (x - denoised)
+        if up > 0:
+            x = x + up * noise(x)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                progress: bool = False, variance: str = "beta") -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of Ho et al. (2020), on any subset of the model's timesteps.
+
+    Each step draws from N(mu-tilde, sigma^2) with mu-tilde the posterior mean of q(x_s | x_t, x0)
+    (Eq. 7) and sigma^2 = beta_t ("beta") or beta-tilde_t ("posterior"). On a subset of timesteps
+    beta_t = 1 - alpha_bar_t / alpha_bar_s, the respacing of Nichol & Dhariwal (2021) §4.
+    A model with learned variance (Improved DDPM Eq. 15) overrides `variance`.
+    """
+    if variance not in ("beta", "posterior"):
+        raise DdpmError(f"DDPM variance must be 'beta' or 'posterior', got '{variance}'")
+    noise = _noise_fn(noise)
+    learned = getattr(denoiser, "learned_variance", False)
+    for i in _steps(sigmas, progress, "ddpm"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if learned:
+            denoised, frac = denoiser(x, sigmas[i], return_variance=True)
+        else:
+            denoised = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, s, x, denoised)
+        # Posterior mean in VE coordinates: x0 + (s_next^2 / s^2) (x - x0).
+        x = denoised + (s_next**2 / s**2) * (x - denoised)
+        if s_next == 0:
+            continue  # Algorithm 2 adds no noise at the last step
+        # Both variances divided by alpha_bar_s, expressed with sigmas.
+        var_post = s_next**2 * (s**2 - s_next**2) / s**2
+        var_beta = (1 + s_next**2) * (s**2 - s_next**2) / (1 + s**2)
+        if learned:
+            # Improved DDPM Eq. (15): interpolate the two log-variances with the model's output.
+            log_var = frac * math.log(var_beta) + (1 - frac) * math.log(var_post)
+            x = x + torch.exp(0.5 * log_var) * noise(x)
+        else:
+            x = x + math.sqrt(var_beta if variance == "beta" else var_post) * noise(x)
+    return x
+
+
+def _churn(x: torch.Tensor, sigma: float, noise, steps: int, s_churn: float, s_tmin: float, s_tmax: float,
+           s_noise: float) -> tuple[torch.Tensor, float]:
+    """Raise the noise level from sigma to sigma_hat = (1 + gamma) sigma, Algorithm 2 lines 4-6 of Karras et al. (2022)."""
+    gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(x), sigma_hat
+
+
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                 progress: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                 s_noise: float = 1.0) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Alg. 1), optional churn."""
+    noise = _noise_fn(noise)
+    n = len(sigmas) - 1
+    for i in _steps(sigmas, progress, "euler"):
+        x, s = _churn(x, float(sigmas[i]), noise, n, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoiser(x, sigmas.new_tensor(s))
+        if callback is not None:
+            callback(i, s, x, denoised)
+        x = x + (float(sigmas[i + 1]) - s) * (x - denoised) / s
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                progress: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                s_noise: float = 1.0) -> torch.Tensor:
+    """Heun's 2nd-order method, Algorithm 2 of Karras et al. (2022); 2 model calls per step, 1 on the last."""
+    noise = _noise_fn(noise)
+    n = len(sigmas) - 1
+    for i in _steps(sigmas, progress, "heun"):
+        x, s = _churn(x, float(sigmas[i]), noise, n, s_churn, s_tmin, s_tmax, s_noise)
+        s_next = float(sigmas[i + 1])
+        denoised = denoiser(x, sigmas.new_tensor(s))
+        if callback is not None:
+            callback(i, s, x, denoised)
+        d = (x - denoised) / s
+        # Euler step.
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            # Apply the 2nd-order correction with the slope at the new point.
+            d_next = (x_next - denoiser(x_next, sigmas[i + 1])) / s_next
+            x_next = x + (s_next - s) * 0.5 * (d + d_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                    progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), in lambda = -log sigma.
+
+    The first step and the step to sigma = 0 are first order (the final-step fallback the
+    paper recommends for few steps).
+    """
+    old, h_old = None, None
+    for i in _steps(sigmas, progress, "dpm++2m"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        h = math.log(s / s_next)
+        d = denoised
+        if old is not None:
+            r = h_old / h
+            # Linear extrapolation of the data prediction to the step's midpoint in lambda.
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+        # Exact integration of the linear part: x_next = (s_next / s) x + (1 - e^{-h}) d.
+        x = (s_next / s) * x - math.expm1(-h) * d
+        old, h_old = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                    progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(3M), the third-order multistep solver of Lu et al. (2022b) App. B.
+
+    Uses a Taylor expansion of the data prediction D in lambda: x_next = e^{-h} x + (1 - e^{-h}) D
+    + h phi_2(h) D' + h^2 phi_3(h) D'' with phi_2 = 1 - (1 - e^{-h})/h and phi_3 = 1/2 - phi_2/h,
+    derivatives from backward differences. Lower orders on the first two and the final step.
+    """
+    hist: list[tuple[torch.Tensor, float]] = []  # (denoised, lambda), newest last
+    for i in _steps(sigmas, progress, "dpm++3m"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        lam, h = -math.log(s), math.log(s / s_next)
+        phi2 = 1 + math.expm1(-h) / h
+        x = (s_next / s) * x - math.expm1(-h) * denoised
+        if len(hist) >= 1:
+            d0, lam1 = hist[-1]
+            h1 = lam - lam1
+            slope0 = (denoised - d0) / h1                      # D' at the midpoint of [lam1, lam]
+            if len(hist) >= 2:
+                dm, lam2 = hist[-2]
+                h2 = lam1 - lam2
+                slope1 = (d0 - dm) / h2
+                second = (slope0 - slope1) * (2 / (h1 + h2))   # D''
+                first = slope0 + second * (h1 / 2)             # D' at lam
+                phi3 = 0.5 - phi2 / h
+                x = x + h * phi2 * first + h**2 * phi3 * second
+            else:
+                x = x + h * phi2 * slope0
+        hist = (hist + [(denoised, lam)])[-2:]
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                        progress: bool = False, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M), Lu et al. (2022b) §5 / App. B, with a midpoint 2nd-order term.
+
+    With eta = 1 the first-order step is exactly DDPM's posterior step; eta = 0 gives the ODE solver.
+    """
+    noise = _noise_fn(noise)
+    old, h_old = None, None
+    for i in _steps(sigmas, progress, "dpm++2m-sde"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, s, x, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        h = math.log(s / s_next)
+        eh = eta * h
+        # x_next = (s_next/s) e^{-eta h} x + (1 - e^{-(1+eta) h}) D, plus fresh noise.
+        x = (s_next / s) * math.exp(-eh) * x - math.expm1(-h - eh) * denoised
+        if old is not None:
+            r = h_old / h
+            x = x - 0.5 * math.expm1(-h - eh) * (1 / r) * (denoised - old)
+        if eta > 0:
+            x = x + s_next * math.sqrt(-math.expm1(-2 * eh)) * s_noise * noise(x)
+        old, h_old = denoised, h
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    fn: Callable
+    spacing: str            # default sigma schedule: a timestep spacing (trailing, ...) or karras
+    calls_per_step: int     # model evaluations per step (Heun's last step makes 1)
+    stochastic: bool
+    summary: str
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "trailing", 1, True, "ancestral DDPM (Ho et al. 2020), respaced when steps < T"),
+    "ddim": SamplerSpec(sample_ddim, "trailing", 1, False, "DDIM (Song et al. 2021); --eta adds noise"),
+    "dpm++2m": SamplerSpec(sample_dpmpp_2m, "karras", 1, False, "DPM-Solver++(2M) (Lu et al. 2022)"),
+    "dpm++3m": SamplerSpec(sample_dpmpp_3m, "karras", 1, False, "DPM-Solver++(3M) (Lu et al. 2022)"),
+    "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m_sde, "karras", 1, True, "SDE-DPM-Solver++(2M) (Lu et al. 2022)"),
+    "euler": SamplerSpec(sample_euler, "karras", 1, False, "Euler on the PF-ODE (Karras et al. 2022, Alg. 1)"),
+    "heun": SamplerSpec(sample_heun, "karras", 2, False, "Heun (Karras et al. 2022, Alg. 2): NFE = 2*steps-1"),
+}
+
+SPACINGS = ("uniform", "trailing", "quadratic", "karras")
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Number of model evaluations `sampler` makes for `steps` steps."""
+    spec = SAMPLERS[sampler]
+    return steps if spec.calls_per_step == 1 else spec.calls_per_step * steps - 1
+
+
+def make_sigmas(discrete_sigmas: torch.Tensor | None, steps: int, spacing: str,
+                sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> torch.Tensor:
+    """Descending noise levels ending with 0.
+
+    For a discrete model (`discrete_sigmas` ascending, one per timestep) a timestep spacing picks
+    `steps` of the model's own timesteps; `karras` spaces `steps` levels by Eq. (5) of Karras et
+    al. (2022) between the model's smallest and largest sigma (continuous models need karras).
+    """
+    if spacing not in SPACINGS:
+        raise DdpmError(f"unknown spacing '{spacing}'; choose one of {', '.join(SPACINGS)}")
+    if steps < 1:
+        raise DdpmError(f"steps must be >= 1, got {steps}")
+    if spacing == "karras":
+        if discrete_sigmas is not None:
+            finite = discrete_sigmas[torch.isfinite(discrete_sigmas)]
+            sigma_min = float(finite[0]) if sigma_min is None else sigma_min
+            sigma_max = float(finite[-1]) if sigma_max is None else sigma_max
+        if sigma_min is None or sigma_max is None:
+            raise DdpmError("karras spacing needs sigma_min and sigma_max")
+        sig = schedules.karras_sigmas(steps, sigma_min, sigma_max, rho)
+    else:
+        if discrete_sigmas is None:
+            raise DdpmError(f"spacing '{spacing}' needs a discrete-time model; use --spacing karras")
+        T = len(discrete_sigmas)
+        if steps > T:
+            raise DdpmError(f"steps={steps} exceeds this model's {T} timesteps; use at most {T}")
+        sig = discrete_sigmas[schedules.spaced_timesteps(T, steps, spacing)]
+    return torch.cat([sig.float(), sig.new_zeros(1).float()])
+
+
+def sample_seeds(seed: int, indices: Sequence[int]) -> list[int]:
+    """Independent 63-bit seeds for samples `indices` of a run seeded with `seed`."""
+    return [int(np.random.SeedSequence([seed, int(k)]).generate_state(1, np.uint64)[0] >> 1) for k in indices]
+
+
+class PerSampleNoise:
+    """Standard normal noise where row k comes from its own generator, so sample k does not
+    depend on the batch it is drawn in. Draws happen on the CPU and move to x's device, so the
+    noise is also the same on every device."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        shape = like.shape[1:]
+        z = torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+        return z.to(device=like.device, dtype=like.dtype)
+
+
+def run(denoiser, shape: Sequence[int], sampler: str = "ddpm", steps: int | None = None, *,
+        seed: int = 0, first_index: int = 0, spacing: str | None = None, device: str | torch.device = "cpu",
+        progress: bool = False, callback=None, **options) -> torch.Tensor:
+    """Draw `shape[0]` samples, images first_index.. of the run seeded with `seed`; returns x0 in model space.
+
+    `denoiser` is a diffusion.VPDenoiser / EDMDenoiser (it provides the noise levels and the
+    initial noise scale). `steps` defaults to all of a discrete model's timesteps.
+    """
+    if sampler not in SAMPLERS:
+        raise DdpmError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    spec = SAMPLERS[sampler]
+    discrete = getattr(denoiser, "discrete_sigmas", None)
+    if steps is None:
+        steps = len(discrete) if discrete is not None else 50
+    sigmas = make_sigmas(discrete, steps, spacing or (spec.spacing if discrete is not None else "karras"),
+                         sigma_min=getattr(denoiser, "sigma_min", None), sigma_max=getattr(denoiser, "sigma_max", None))
+    sigmas = sigmas.to(device)
+    noise = PerSampleNoise(sample_seeds(seed, range(first_index, first_index + shape[0])))
+    x = noise(torch.empty(shape, device=device)) * denoiser.prior_std(float(sigmas[0]))
+    return spec.fn(denoiser, x, sigmas, noise=noise, callback=callback, progress=progress, **options)
