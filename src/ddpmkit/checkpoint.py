@@ -71,6 +71,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise DdpmError(f"checkpoint {path} not found; pass the path of a ckpt.pt written by `ddpm train`")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise DdpmError(f"checkpoint {path} is truncated or not a PyTorch file; use an intact checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

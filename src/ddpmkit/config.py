@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 @dataclass
 class ModelConfig:
-    size: str = "seed"                       # preset in models/registry.py the fields below came from
+    size: str = "seed"                       # preset in models/registry.py the fields started from, or custom
     base_channels: int = 64                  # channels at full resolution
     channel_mults: tuple[int, ...] = (1, 2, 4, 4)  # channels per level = base * mult; len-1 downsamplings
     attn_levels: tuple[int, ...] = (0, 1, 2, 3)    # levels with self-attention; level k is image_size / 2**k
@@ -165,7 +165,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
             raise DdpmError(f"config section '{section}' must be a table of key = value pairs")
         hints = _hints(section)
         target = getattr(out, section)
-        if section == "model" and "size" in values:
+        if section == "model" and values.get("size", "custom") != "custom":
             # A preset replaces the whole model section; explicit model keys then apply on top.
             from .models.registry import preset
 

@@ -206,11 +206,12 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
         lam, h = -math.log(s), math.log(s / s_next)
         phi2 = 1 + math.expm1(-h) / h
         x = (s_next / s) * x - math.expm1(-h) * denoised
-        if len(hist) >= 1:
+        order = min(len(hist) + 1, len(sigmas) - 1 - i)  # lower order for the last steps
+        if order >= 2:
             d0, lam1 = hist[-1]
             h1 = lam - lam1
             slope0 = (denoised - d0) / h1                      # D' at the midpoint of [lam1, lam]
-            if len(hist) >= 2:
+            if order >= 3:
                 dm, lam2 = hist[-2]
                 h2 = lam1 - lam2
                 slope1 = (d0 - dm) / h2

@@ -1,0 +1,23 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A small seed-layout folder (dataset/class_folder/*.png|jpg) of smooth coloured blobs."""
+    root = tmp_path / "dataset"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:24, 0:20]
+    for i in range(24):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        cy, cx = rng.uniform(4, 16, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 20.0)
+        color = rng.uniform(0.3, 1.0, 3)
+        arr = (blob[..., None] * color * 255).astype(np.uint8)
+        Image.fromarray(arr).save(sub / f"img{i}.{'png' if i % 3 else 'jpg'}")
+    return root

@@ -1,0 +1,128 @@
+"""Training, checkpoints and exact resume."""
+import os
+import signal
+
+import pytest
+import torch
+
+from ddpmkit import checkpoint, losses
+from ddpmkit.errors import DdpmError
+from ddpmkit.train import prepare, train
+
+SMALL_MODEL = {"size": "custom", "base_channels": 8, "channel_mults": [1, 2], "attn_levels": [1], "time_dim": 16}
+
+
+def overrides(folder, workdir, **train_kw):
+    t = {"workdir": str(workdir), "run_name": "r", "epochs": 2, "batch_size": 8, "sample_every_epochs": 0,
+         "log_every": 1, "ema_decay": 0.9, "warmup_steps": 2, "device": "cpu"}
+    t.update(train_kw)
+    return {"data": {"path": str(folder), "image_size": 8, "hflip": True}, "model": SMALL_MODEL,
+            "diffusion": {"timesteps": 50}, "train": t}
+
+
+def run(ov, fresh=False):
+    cfg, ckpt = prepare(ov, fresh=fresh)
+    return train(cfg, ckpt, progress=False, log=lambda *a: None)
+
+
+def states(workdir):
+    return torch.load(workdir / "models" / "r" / "ckpt.pt", weights_only=True)
+
+
+def assert_same_training_state(a, b):
+    for key in ("model_state_dict", "ema_state_dict"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k])
+    assert a["global_step"] == b["global_step"] and a["next_epoch"] == b["next_epoch"]
+    assert torch.equal(a["rng_state"]["torch"], b["rng_state"]["torch"])
+
+
+def test_resume_after_one_epoch_is_bit_identical(image_folder, tmp_path):
+    run(overrides(image_folder, tmp_path / "straight", epochs=2))
+    run(overrides(image_folder, tmp_path / "resumed", epochs=1))
+    summary = run(overrides(image_folder, tmp_path / "resumed", epochs=2))
+    assert summary["status"] == "finished" and summary["epoch"] == 2
+    assert_same_training_state(states(tmp_path / "straight"), states(tmp_path / "resumed"))
+
+
+def test_graceful_stop_mid_epoch_then_step_level_resume(image_folder, tmp_path, monkeypatch):
+    ov = overrides(image_folder, tmp_path / "straight", epochs=2, grad_accum=2)
+    run(ov)
+    calls = {"n": 0}
+    real_call = losses.VPLoss.__call__
+
+    def interrupting(self, net, x0):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during epoch 1's second optimizer step (3 batches per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, net, x0)
+
+    monkeypatch.setattr(losses.VPLoss, "__call__", interrupting)
+    ov2 = overrides(image_folder, tmp_path / "resumed", epochs=2, grad_accum=2)
+    summary = run(ov2)
+    assert summary["status"] == "stopped"
+    mid = states(tmp_path / "resumed")
+    assert mid["next_epoch"] == 1 and mid["batch_in_epoch"] == 2  # stopped at a step boundary inside epoch 1
+    monkeypatch.setattr(losses.VPLoss, "__call__", real_call)
+    assert run(ov2)["status"] == "finished"
+    assert_same_training_state(states(tmp_path / "straight"), states(tmp_path / "resumed"))
+
+
+def test_checkpoint_survives_crash_during_save(image_folder, tmp_path, monkeypatch):
+    run(overrides(image_folder, tmp_path, epochs=1))
+    path = tmp_path / "models" / "r" / "ckpt.pt"
+    before = path.read_bytes()
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process dies in the middle of writing
+
+    monkeypatch.setattr(checkpoint.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(overrides(image_folder, tmp_path, epochs=2))
+    assert path.read_bytes() == before
+    assert checkpoint.load_checkpoint(path)["next_epoch"] == 1
+
+
+def test_failed_write_keeps_previous_checkpoint(image_folder, tmp_path, monkeypatch):
+    run(overrides(image_folder, tmp_path, epochs=1))
+    path = tmp_path / "models" / "r" / "ckpt.pt"
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(DdpmError, match="No space left on device.*previous checkpoint is intact"):
+        run(overrides(image_folder, tmp_path, epochs=2))
+    assert path.read_bytes() == before
+    assert not [p for p in path.parent.iterdir() if p.name != "ckpt.pt"]  # no temp file left behind
+
+
+def test_checkpoint_is_weights_only_and_keeps_seed_keys(image_folder, tmp_path):
+    run(overrides(image_folder, tmp_path, epochs=1))
+    ckpt = torch.load(tmp_path / "models" / "r" / "ckpt.pt", weights_only=True)
+    for key in ("model_state_dict", "optimizer_state_dict", "epoch", "ema_state_dict", "scheduler_state_dict",
+                "rng_state", "config", "format_version", "global_step"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 0 and ckpt["config"]["model"]["base_channels"] == 8
+
+
+def test_resume_with_another_model_config_is_refused(image_folder, tmp_path):
+    run(overrides(image_folder, tmp_path, epochs=1))
+    ov = overrides(image_folder, tmp_path, epochs=2)
+    ov["model"] = dict(SMALL_MODEL, base_channels=16)
+    with pytest.raises(DdpmError, match="model.base_channels=8, not 16.*--fresh"):
+        prepare(ov)
+    prepare(ov, fresh=True)  # starting over is allowed
+
+
+def test_nonfinite_steps_are_skipped_then_stop(image_folder, tmp_path, monkeypatch):
+    real_call = losses.VPLoss.__call__
+    monkeypatch.setattr(losses.VPLoss, "__call__", lambda self, net, x0: real_call(self, net, x0) * float("nan"))
+    with pytest.raises(DdpmError, match="3 non-finite steps in a row"):
+        run(overrides(image_folder, tmp_path, epochs=1, max_nonfinite_steps=3))
