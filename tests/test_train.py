@@ -126,3 +126,19 @@ def test_nonfinite_steps_are_skipped_then_stop(image_folder, tmp_path, monkeypat
     monkeypatch.setattr(losses.VPLoss, "__call__", lambda self, net, x0: real_call(self, net, x0) * float("nan"))
     with pytest.raises(DdpmError, match="3 non-finite steps in a row"):
         run(overrides(image_folder, tmp_path, epochs=1, max_nonfinite_steps=3))
+
+
+@pytest.mark.parametrize("diffusion", [
+    {"learn_sigma": True}, {"objective": "edm"}, {"prediction": "v", "loss_weighting": "min_snr"},
+    {"prediction": "v", "schedule": "cosine", "zero_terminal_snr": True},
+])
+def test_objectives_train_and_sample_from_checkpoint(image_folder, tmp_path, diffusion):
+    ov = overrides(image_folder, tmp_path, epochs=1)
+    ov["diffusion"] = dict(ov["diffusion"], **diffusion)
+    summary = run(ov)
+    model, diff, cfg = checkpoint.load_model(summary["ckpt"])
+    for key, value in diffusion.items():
+        assert getattr(cfg.diffusion, key) == value
+    for sampler in ("ddpm", "dpm++2m"):
+        images = diff.sample(model, 3, sampler=sampler, steps=5, seed=0, progress=False)
+        assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8

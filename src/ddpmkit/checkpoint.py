@@ -133,7 +133,7 @@ def model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     from .models.registry import build_model
 
     channels = cfg.data.channels or 3
-    model = build_model(cfg.model, channels)
+    model = build_model(cfg.model, channels, channels * 2 if cfg.diffusion.learn_sigma else channels)
     diffusion = Diffusion.from_config(cfg.diffusion, cfg.data.image_size, channels, device)
     return model.to(device), diffusion
 

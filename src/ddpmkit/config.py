@@ -45,6 +45,14 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0               # gamma of min-SNR weighting
     variance: str = "beta"                   # ancestral-sampler variance: beta (sigma^2=beta_t) | posterior (beta-tilde)
     clip_denoised: bool = True               # clip predicted x0 to [-1, 1] while sampling
+    learn_sigma: bool = False                # learn the reverse variance: hybrid loss of Nichol & Dhariwal (2021)
+    vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda * L_vlb
+    objective: str = "vp"                    # vp: discrete DDPM timesteps | edm: Karras et al. (2022) training
+    sigma_data: float = 0.5                  # edm: std of the data
+    p_mean: float = -1.2                     # edm: mean of log sigma during training
+    p_std: float = 1.2                       # edm: std of log sigma during training
+    sigma_min: float = 0.002                 # edm: smallest sampling sigma
+    sigma_max: float = 80.0                  # edm: largest sampling sigma
 
 
 @dataclass
@@ -255,6 +263,12 @@ def validate(cfg: Config) -> Config:
            f"diffusion.loss_weighting must be none or min_snr, got '{d.loss_weighting}'")
     _check(d.min_snr_gamma > 0, f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
     _check(d.variance in ("beta", "posterior"), f"diffusion.variance must be beta or posterior, got '{d.variance}'")
+    _check(d.objective in ("vp", "edm"), f"diffusion.objective must be vp or edm, got '{d.objective}'")
+    _check(d.vlb_weight >= 0, f"diffusion.vlb_weight must be >= 0, got {d.vlb_weight}")
+    _check(not (d.learn_sigma and d.objective == "edm"), "diffusion.learn_sigma works with objective vp only")
+    _check(d.sigma_data > 0 and d.p_std > 0, "diffusion.sigma_data and diffusion.p_std must be > 0")
+    _check(0 < d.sigma_min < d.sigma_max,
+           f"diffusion.sigma_min ({d.sigma_min}) must be > 0 and below sigma_max ({d.sigma_max})")
     _check(not (d.zero_terminal_snr and d.prediction == "eps"),
            "diffusion.zero_terminal_snr needs prediction v or x0 (eps is undefined at SNR 0)")
 

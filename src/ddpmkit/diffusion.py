@@ -54,6 +54,43 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _run(net: nn.Module, x: torch.Tensor, t: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """net(x, t) in float32, or under autocast when a dtype is given."""
+    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        return net(x, t).float()
+
+
+class EDMDenoiser(nn.Module):
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the preconditioning of Karras et al. (2022), Table 1.
+
+    c_noise = ln(sigma) / 4 is multiplied by 250 so the network's sinusoidal time embedding sees
+    a spread like that of DDPM timesteps (about -390..270 for sigma in [0.002, 80]).
+    """
+
+    discrete_sigmas = None
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 clip_denoised: bool = False, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.clip_denoised, self.autocast_dtype = clip_denoised, autocast_dtype
+
+    def prior_std(self, sigma_max: float) -> float:
+        return sigma_max
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        s, sd = _bcast(sigma, x), self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        c_noise = 250.0 * sigma.log()
+        x0 = c_skip * x + c_out * _run(self.net, c_in * x, c_noise, self.autocast_dtype)
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
+
+
 class VPDenoiser(nn.Module):
     """D(x, sigma) for a network trained on discrete VP timesteps 0..T-1.
 
@@ -96,11 +133,7 @@ class VPDenoiser(nn.Module):
         c_in = _bcast(1 / (1 + sigma**2).sqrt(), x)          # sqrt(alpha_bar)
         s_vp = _bcast(sigma, x) * c_in                        # sqrt(1 - alpha_bar)
         x_vp = x * c_in
-        ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else contextlib.nullcontext())
-        with ctx:
-            out = self.net(x_vp, t)
-        out = out.float()
+        out = _run(self.net, x_vp, t, self.autocast_dtype)
         if self.learned_variance:
             out, var_out = out.chunk(2, dim=1)
         x0 = to_x0(self.prediction, out, x_vp, c_in, s_vp)
@@ -123,7 +156,9 @@ class Diffusion:
     def __init__(self, noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  img_size: int = 64, device: str | torch.device = "cpu", channels: int = 3,
                  schedule: str = "linear", prediction: str = "eps", variance: str = "beta",
-                 clip_denoised: bool = True, zero_terminal_snr: bool = False, learned_variance: bool = False):
+                 clip_denoised: bool = True, zero_terminal_snr: bool = False, learned_variance: bool = False,
+                 objective: str = "vp", sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.objective, self.sigma_data, self.sigma_min, self.sigma_max = objective, sigma_data, sigma_min, sigma_max
         self.noise_steps, self.beta_start, self.beta_end = noise_steps, beta_start, beta_end
         self.img_size, self.channels, self.device = img_size, channels, torch.device(device)
         self.schedule, self.prediction, self.variance = schedule, prediction, variance
@@ -137,7 +172,9 @@ class Diffusion:
     def from_config(cls, cfg: DiffusionConfig, img_size: int, channels: int, device="cpu") -> "Diffusion":
         return cls(noise_steps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end, img_size=img_size,
                    device=device, channels=channels, schedule=cfg.schedule, prediction=cfg.prediction,
-                   variance=cfg.variance, clip_denoised=cfg.clip_denoised, zero_terminal_snr=cfg.zero_terminal_snr)
+                   variance=cfg.variance, clip_denoised=cfg.clip_denoised, zero_terminal_snr=cfg.zero_terminal_snr,
+                   learned_variance=cfg.learn_sigma, objective=cfg.objective, sigma_data=cfg.sigma_data,
+                   sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
 
     def prepare_noise_schedule(self) -> torch.Tensor:
         """Betas of the schedule (the seed's method name)."""
@@ -157,9 +194,13 @@ class Diffusion:
         """Uniform timesteps over the full range 0..T-1 (the tutorial skipped t=0)."""
         return torch.randint(0, self.noise_steps, (n,), device=self.device)
 
-    def denoiser(self, model: nn.Module, bf16: bool = False) -> VPDenoiser:
+    def denoiser(self, model: nn.Module, bf16: bool = False) -> nn.Module:
+        """The network as D(x, sigma), the form every sampler takes."""
+        dtype = torch.bfloat16 if bf16 else None
+        if self.objective == "edm":
+            return EDMDenoiser(model, self.sigma_data, self.sigma_min, self.sigma_max, self.clip_denoised, dtype)
         return VPDenoiser(model, self.alpha_bar64, self.prediction, self.clip_denoised, self.learned_variance,
-                          torch.bfloat16 if bf16 else None).to(self.device)
+                          dtype).to(self.device)
 
     @torch.inference_mode()
     def generate(self, model: nn.Module, n: int, sampler: str = "ddpm", steps: int | None = None,
@@ -171,8 +212,8 @@ class Diffusion:
         """
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        if sampler == "ddpm":
-            options.setdefault("variance", self.variance)
+        if sampler == "ddpm":  # beta_t as the variance only has a meaning on a VP schedule
+            options.setdefault("variance", self.variance if self.objective == "vp" else "posterior")
         was_training = model.training
         model.eval()
         denoiser = self.denoiser(model, bf16)

@@ -27,7 +27,7 @@ from .config import Config, apply_overrides, validate
 from .data import epoch_batches, load_data, num_batches
 from .errors import DdpmError
 from .images import make_grid, save_images
-from .losses import VPLoss
+from .losses import make_loss
 
 
 @dataclass
@@ -152,8 +152,8 @@ def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     warmup = t_cfg.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    loss_fn = VPLoss(diffusion.alpha_bar64, cfg.diffusion.prediction, cfg.diffusion.loss_weighting,
-                     cfg.diffusion.min_snr_gamma)
+    dc = cfg.diffusion
+    loss_fn = make_loss(diffusion, dc.loss_weighting, dc.min_snr_gamma, dc.vlb_weight, dc.p_mean, dc.p_std)
 
     epoch, batch0, step, skipped_total = 0, 0, 0, 0
     if ckpt is not None:

@@ -1,0 +1,60 @@
+import pytest
+
+from ddpmkit.config import Config, apply_overrides, from_dict, load_file, validate
+from ddpmkit.errors import DdpmError
+
+
+def test_defaults_are_the_seeds_launch_values():
+    cfg = Config()
+    assert (cfg.train.run_name, cfg.train.epochs, cfg.train.batch_size, cfg.data.image_size, cfg.train.lr) == \
+        ("DDPM_Unconditional", 500, 8, 64, 3e-4)
+    assert (cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1000, 1e-4, 0.02)
+    validate(cfg)
+
+
+def test_round_trip_through_dict():
+    cfg = apply_overrides(Config(), {"model": {"size": "tiny"}, "train": {"lr": "1e-3", "bf16": "true"}})
+    assert cfg.model.base_channels == 32 and cfg.train.lr == 1e-3 and cfg.train.bf16 is True
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_then_explicit_model_keys():
+    cfg = apply_overrides(Config(), {"model": {"size": "tiny", "dropout": 0.1}})
+    assert cfg.model.size == "tiny" and cfg.model.dropout == 0.1 and cfg.model.channel_mults == (1, 2, 2)
+
+
+def test_toml_and_yaml(tmp_path):
+    (tmp_path / "a.toml").write_text('[model]\nchannel_mults = [1, 2]\n[train]\nlr = 0.001\n')
+    (tmp_path / "a.yaml").write_text("model:\n  channel_mults: [1, 2]\ntrain:\n  lr: 0.001\n")
+    for name in ("a.toml", "a.yaml"):
+        cfg = apply_overrides(Config(), load_file(tmp_path / name))
+        assert cfg.model.channel_mults == (1, 2) and cfg.train.lr == 0.001
+    (tmp_path / "bad.toml").write_text("[train\n")
+    with pytest.raises(DdpmError, match="cannot parse"):
+        load_file(tmp_path / "bad.toml")
+    with pytest.raises(DdpmError, match="not found"):
+        load_file(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("model", "attn_levels", [5], "attn_levels must lie in"),
+    ("model", "num_heads", 3, "must divide every level's width"),
+    ("model", "dropout", 1.0, "dropout must be in"),
+    ("diffusion", "prediction", "score", "prediction must be"),
+    ("diffusion", "beta_start", 0.0, "beta_start must be in"),
+    ("diffusion", "zero_terminal_snr", True, "needs prediction v or x0"),
+    ("train", "ema_decay", 1.0, "ema_decay must be in"),
+    ("train", "grad_accum", 0, "grad_accum must be >= 1"),
+    ("train", "run_name", "../x", "plain folder name"),
+    ("train", "sample_sampler", "magic", "sample_sampler 'magic'"),
+    ("data", "channels", 2, "channels must be 1, 3"),
+])
+def test_validation_messages(section, key, value, match):
+    with pytest.raises(DdpmError, match=match):
+        validate(apply_overrides(Config(), {section: {key: value}}))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [1], True, None])
+def test_bad_types(value):
+    with pytest.raises(DdpmError, match="is not a valid float"):
+        apply_overrides(Config(), {"train": {"lr": value}})
