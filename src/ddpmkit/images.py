@@ -81,7 +81,7 @@ def plot_images(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
     try:
         import matplotlib.pyplot as plt
     except ImportError:
-        img.show()
+        print("plot_images: not in a notebook and matplotlib is not installed; use save_images(images, 'grid.png')")
         return img
     plt.figure(figsize=(8, 8))
     plt.imshow(np.asarray(img), cmap="gray" if img.mode == "L" else None)
