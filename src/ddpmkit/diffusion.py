@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import samplers, schedules
 from .config import DiffusionConfig
@@ -220,7 +221,7 @@ class Diffusion:
         batch_size = batch_size or n
         chunks = []
         try:
-            bar = samplers.tqdm(total=n, desc=f"sampling ({sampler})", disable=not progress, unit="img")
+            bar = tqdm(total=n, desc=f"sampling ({sampler})", disable=not progress, unit="img")
             for start in range(0, n, batch_size):
                 b = min(batch_size, n - start)
                 x = samplers.run(denoiser, (b, self.channels, self.img_size, self.img_size), sampler, steps,
