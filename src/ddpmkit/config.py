@@ -88,6 +88,11 @@ class TrainConfig:
     ckpt_every_steps: int = 0                # extra checkpoints every N optimizer steps; 0 = off
     ckpt_every_minutes: float = 0.0          # extra checkpoints every M minutes; 0 = off (epoch ends always save)
     max_nonfinite_steps: int = 20            # stop after this many non-finite losses/gradients in a row
+    eval_every_steps: int = 0                # log FID/KID vs the training images every N steps; 0 = off
+    eval_n: int = 2000                       # samples per training-time evaluation
+    eval_extractor: str = "randconv"         # randconv (fast, weight-free) | inception | auto
+    eval_sampler: str = "dpm++2m"            # sampler for training-time evaluation
+    eval_steps: int = 20                     # its steps
 
 
 @dataclass
@@ -299,5 +304,11 @@ def validate(cfg: Config) -> Config:
     _check(t.sample_steps >= 1, f"train.sample_steps must be >= 1, got {t.sample_steps}")
     _check(t.ckpt_every_steps >= 0, f"train.ckpt_every_steps must be >= 0, got {t.ckpt_every_steps}")
     _check(t.ckpt_every_minutes >= 0, f"train.ckpt_every_minutes must be >= 0, got {t.ckpt_every_minutes}")
+    _check(t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}")
+    _check(t.eval_n >= 2, f"train.eval_n must be >= 2, got {t.eval_n}")
+    _check(t.eval_extractor in ("randconv", "inception", "auto"),
+           f"train.eval_extractor must be randconv, inception or auto, got '{t.eval_extractor}'")
+    _check(t.eval_sampler in SAMPLERS, f"train.eval_sampler '{t.eval_sampler}' is not one of {sorted(SAMPLERS)}")
+    _check(t.eval_steps >= 1, f"train.eval_steps must be >= 1, got {t.eval_steps}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     return cfg

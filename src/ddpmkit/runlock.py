@@ -27,6 +27,8 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if fcntl is None:
             return self
+        # Folders this lock creates are removed again if the run writes nothing (e.g. bad data).
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,7 +48,15 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+        if self.fd is None:
+            return False
+        if self._created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            self.path.unlink()  # still holding the lock: nobody else can be using this file
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
         return False

@@ -128,3 +128,31 @@ def score(real: dict[str, Any], fake_features: torch.Tensor, extractor: evaluate
     metrics.update(extractor=extractor.name, comparable_to_published=bool(extractor.comparable_to_published),
                    warnings=[str(w.message) for w in caught])
     return metrics
+
+
+class TrainingMetric:
+    """FID/KID of the EMA model against the training images, for logging every K steps.
+
+    The reference features of the (already decoded) training images are computed once per run;
+    each call generates `n` per-sample seeded images (the same seeds every time, so the curve
+    reflects the model, not the noise) and scores them.
+    """
+
+    def __init__(self, images_nhwc: np.ndarray, extractor: str = "randconv", n: int = 2000, sampler: str = "dpm++2m",
+                 steps: int = 20, seed: int = 0, batch_size: int = 250, device: str | torch.device = "cpu"):
+        self.extractor = make_extractor(extractor, device=device, log=lambda *a: None)
+        self.n, self.sampler, self.steps, self.seed, self.batch_size = n, sampler, steps, seed, batch_size
+        self._images = images_nhwc
+        self._real: np.ndarray | None = None
+
+    def __call__(self, model, diffusion, bf16: bool = False) -> dict[str, float]:
+        if self._real is None:
+            images = torch.from_numpy(np.ascontiguousarray(self._images)).permute(0, 3, 1, 2)
+            self._real = evaluate.compute_features(self.extractor, images, self.batch_size).numpy()
+        fake = sample_features(model, diffusion, self.n, self.extractor, self.sampler, self.steps, self.seed,
+                               self.batch_size, bf16, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # small-n warnings would repeat at every evaluation
+            m = evaluate.evaluate_features(self._real, fake.numpy(),
+                                           kid_subset_size=min(1000, self.n, len(self._real)))
+        return {"fid": m["fid"], "kid": m["kid_mean"], "precision": m["precision"], "recall": m["recall"]}
