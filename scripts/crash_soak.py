@@ -7,19 +7,21 @@ nothing is lost.
 
 One run ("straight") trains without interruption; a second run of the same length ("crashed") is
 killed with SIGKILL `--kills` times, each time restarted with the same command, and finally left
-to finish. Kill moments are drawn from a seeded RNG and cycle through three kinds:
+to finish. Kill moments are drawn from a seeded RNG and cycle through four kinds:
 
-* startup: a uniform delay inside the process's start-up (imports, data decoding, model build,
-  sometimes before Python is even running);
-* save:    the moment the process's checkpoint temp file `models/RUN/.ckpt.pt.tmp<PID>` appears,
-           plus 0-4 ms (inside torch.save, the fsync or the rename);
-* anytime: a uniform delay over start-up plus a few seconds of training.
+* startup:  a uniform delay inside the process's start-up (imports, data decoding, model build,
+            sometimes before Python is even running);
+* save:     the moment the process's checkpoint temp file `models/RUN/.ckpt.pt.tmp<PID>` appears
+            (after 1-6 such writes), plus 0-4 ms: inside torch.save, the fsync or the rename;
+* training: a uniform delay of 0-`--window` seconds after the process's first checkpoint write;
+* anytime:  a uniform delay over start-up plus `--window` seconds.
 
 After every kill `ddpmkit.checkpoint.load_checkpoint` must read models/RUN/ckpt.pt, its
 global_step must never go backwards and must match (next_epoch, batch_in_epoch). Every restart
 must resume from exactly the step that checkpoint holds. At the end both runs' checkpoints must
-be bit-identical: model, EMA, optimizer and scheduler state, counters and RNG states (only
-config.train.workdir differs). Every process gets the same environment, with one thread
+be bit-identical: model, EMA, optimizer and scheduler state, step counters and the torch RNG
+state. (Differences in the stored config other than workdir -- e.g. a field added to ddpmkit
+while the soak ran -- and in numpy's/Python's unseeded RNG states are reported, not required.) Every process gets the same environment, with one thread
 (OMP_NUM_THREADS=1), so float summation order cannot differ between the runs.
 
 Exit status 0 when every check passed, 1 otherwise; `--json FILE` writes the summary.
@@ -50,7 +52,7 @@ TRAIN_ARGS = [
     "--timesteps", "50", "--ckpt-every-steps", "1", "--sample-every", "0", "--device", "cpu", "--no-progress",
     "--hflip", "true", "--warmup-steps", "5", "--ema-decay", "0.9", "--log-every", "5", "--seed", "3",
 ]
-MODES = ("startup", "save", "anytime")
+MODES = ("startup", "save", "training", "anytime")
 
 
 def make_image_folder(root: Path) -> Path:
@@ -126,15 +128,18 @@ def diff_states(a: Any, b: Any, where: str = "") -> list[str]:
 UNSEEDED = ("/rng_state/numpy", "/rng_state/python")
 
 
-def compare_runs(straight: Path, crashed: Path) -> tuple[list[str], list[str]]:
-    """(differences that matter, differences in the unseeded numpy/Python RNG states)."""
+def compare_runs(straight: Path, crashed: Path) -> dict[str, list[str]]:
+    """Differences between two final checkpoints: "state" (must be empty), "config" (other than
+    workdir), "unseeded_rng" (numpy's and Python's global RNG states)."""
     from ddpmkit.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(straight), load_checkpoint(crashed)
     for ckpt in (a, b):
-        ckpt["config"]["train"].pop("workdir")  # the only intended difference
+        ckpt["config"]["train"].pop("workdir")  # the intended difference
     diffs = diff_states(a, b)
-    return [d for d in diffs if not d.startswith(UNSEEDED)], [d for d in diffs if d.startswith(UNSEEDED)]
+    return {"state": [d for d in diffs if not d.startswith(UNSEEDED + ("/config/",))],
+            "config": [d for d in diffs if d.startswith("/config/")],
+            "unseeded_rng": [d for d in diffs if d.startswith(UNSEEDED)]}
 
 
 class Soak:
@@ -183,6 +188,7 @@ class Soak:
         target_saves = self.rng.randint(1, 6)
         extra = self.rng.choice([0.0, self.rng.uniform(0.0, 0.004)])
         delay = {"startup": self.rng.uniform(0.0, self.startup_estimate),
+                 "training": self.rng.uniform(0.0, self.window),
                  "anytime": self.rng.uniform(0.0, self.startup_estimate + self.window)}.get(mode)
         reason = mode
         while True:
@@ -205,6 +211,9 @@ class Soak:
                             time.sleep(extra)
                         break
                 seen_tmp = exists
+            elif mode == "training":
+                if first_save is not None and now - first_save >= delay:
+                    break
             elif now >= delay:
                 break
             if start_step + saves >= self.total_steps - self.cap_reserve:
@@ -246,7 +255,7 @@ class Soak:
         self.log(f"soak: {self.kills} kills, {self.epochs} epochs x {STEPS_PER_EPOCH} steps, seed {self.seed}, "
                  f"folder {self.root}")
         straight, straight_log = self._spawn(self.root / "straight", "straight")  # runs alongside
-        modes = [MODES[i % 3] for i in range(self.kills)]
+        modes = [MODES[i % len(MODES)] for i in range(self.kills)]
         self.rng.shuffle(modes)
         state = None
         try:
@@ -270,9 +279,9 @@ class Soak:
             self.problems.append(f"straight run exited {rc_straight}: {straight_log.read_text()[-1500:]}")
         if state is not None and (not resumed or int(resumed.group(1)) != state["global_step"]):
             self.problems.append(f"final run did not resume from step {state['global_step']}")
-        diffs, rng_diffs = [], []
+        diffs = {"state": ["not compared: a run failed"], "config": [], "unseeded_rng": []}
         if rc_final == 0 and rc_straight == 0:
-            diffs, rng_diffs = compare_runs(self.root / "straight" / "models" / RUN / "ckpt.pt", self.ckpt)
+            diffs = compare_runs(self.root / "straight" / "models" / RUN / "ckpt.pt", self.ckpt)
             final_state = self._ckpt_state()
             if final_state["global_step"] != self.total_steps:
                 self.problems.append(f"final step {final_state['global_step']} != {self.total_steps}")
@@ -288,9 +297,10 @@ class Soak:
             "restarts_seen_resuming": sum(r["resumed_from_step"] is not None for r in self.records) + bool(resumed),
             "checkpoints_loaded_after_kills": sum(r["ckpt_step"] is not None for r in self.records),
             "total_steps": self.total_steps,
-            "identical": rc_final == 0 and rc_straight == 0 and not diffs,
-            "differences": diffs[:20],
-            "unseeded_numpy_python_rng_identical": not rng_diffs,
+            "identical": not diffs["state"],
+            "differences": diffs["state"][:20],
+            "config_differences": diffs["config"][:20],
+            "unseeded_numpy_python_rng_identical": not diffs["unseeded_rng"],
             "problems": self.problems,
             "stale_temp_files": leftovers,
             "seconds": round(time.monotonic() - t_start, 1),

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, from_dict
+from .config import Config, from_dict, validate
 from .errors import DdpmError
 
 FORMAT_VERSION = 1
@@ -57,15 +57,23 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as exc:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise  # e.g. a second Ctrl-C: the temp file is gone, the old checkpoint intact
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else " ".join(str(exc).split())
         hint = {errno.ENOSPC: "free some disk space", errno.EACCES: "check the folder's permissions",
                 errno.EROFS: "choose a writable --workdir"}.get(getattr(exc, "errno", None), "check the output folder")
         raise DdpmError(f"cannot write {path}: {reason}; {hint} (the previous checkpoint is intact)") from None
+    # Temp files of processes killed mid-save (SIGKILL cannot be caught); the run lock makes us the only writer.
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -96,7 +104,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def config_of(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
     try:
-        return from_dict(ckpt["config"])
+        if not isinstance(ckpt["config"], dict):
+            raise DdpmError("the config is not a table")
+        return validate(from_dict(ckpt["config"]))
     except DdpmError as exc:
         raise DdpmError(f"{path} holds an invalid config: {exc}") from None
 

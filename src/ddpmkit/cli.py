@@ -112,13 +112,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other ddpm error."""
+
+    def error(self, message: str):
+        self.exit(2, f"ddpm: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .samplers import SAMPLERS, SPACINGS
 
-    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
+    parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,export}",
+                                parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
     tr = sub.add_parser("train", help="train a model (resumes a run that exists)", epilog=TRAIN_EXAMPLES,
@@ -329,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DdpmError as exc:
-        print(f"ddpm: error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # user text never breaks the line
+        print(f"ddpm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddpm: aborted", file=sys.stderr)

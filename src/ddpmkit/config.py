@@ -162,10 +162,10 @@ def _hints(section: str) -> dict[str, Any]:
     return get_type_hints(_SECTION_TYPES[section])
 
 
-def _unknown(kind: str, name: str, choices) -> DdpmError:
-    near = difflib.get_close_matches(name, list(choices), n=1)
+def _unknown(kind: str, name: Any, choices) -> DdpmError:
+    near = difflib.get_close_matches(name, list(choices), n=1) if isinstance(name, str) else []
     hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(choices))})"
-    return DdpmError(f"unknown config {kind} '{name}'{hint}")
+    return DdpmError(f"unknown config {kind} {name!r}{hint}")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
@@ -241,6 +241,13 @@ def validate(cfg: Config) -> Config:
     from .samplers import SAMPLERS
 
     m, d, data, t = cfg.model, cfg.diffusion, cfg.data, cfg.train
+    for where, text in (("train.run_name", t.run_name), ("train.workdir", t.workdir), ("data.path", data.path),
+                        ("data.cache_dir", data.cache_dir)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DdpmError(f"{where} {text!r} is not valid UTF-8 text") from None
+        _check("\x00" not in text, f"{where} {text!r} contains a NUL character")
     _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
     _check(len(m.channel_mults) >= 1 and all(c >= 1 for c in m.channel_mults),
            f"model.channel_mults must be positive integers, got {list(m.channel_mults)}")
@@ -290,12 +297,12 @@ def validate(cfg: Config) -> Config:
     _check(t.epochs >= 0, f"train.epochs must be >= 0, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 < t.lr <= 1, f"train.lr must be > 0 and <= 1, got {t.lr}")
+    _check(0 <= t.weight_decay <= 10, f"train.weight_decay must be in [0, 10], got {t.weight_decay}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    _check(0 <= t.seed < 2**63, f"train.seed must be in 0..2**63-1, got {t.seed}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.sample_every_epochs >= 0, f"train.sample_every_epochs must be >= 0, got {t.sample_every_epochs}")
     _check(t.sample_every_steps >= 0, f"train.sample_every_steps must be >= 0, got {t.sample_every_steps}")

@@ -2,12 +2,19 @@
 
 Every image is decoded, converted and resized exactly once (in threads), then kept as one
 uint8 array (N, H, W, C), in memory or in a memory-mapped .npy file keyed by the folder's file
-list. Training then slices that array, so JPEG decoding never competes with the model for CPU.
+list. Training then slices that array, so JPEG decoding never competes with the model for CPU,
+and files added to or removed from the folder later do not affect a running training.
+
+Hostile files never stop a load while usable images remain: empty, truncated or mislabelled
+files, decompression bombs (more pixels than Pillow's `Image.MAX_IMAGE_PIXELS`, checked before
+decoding), FIFOs and devices, symlink loops and unreadable files are each skipped with a
+warning that names the path and the reason.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,12 +23,25 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import DdpmError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTINS = ("digits", "shapes")
+# Pillow decoders tried on a file, whatever its extension. Only plain raster formats: a file named
+# x.png that holds e.g. EPS would otherwise be handed to Ghostscript.
+DECODERS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+class SkippedFile(Exception):
+    """A file that is not decoded, with the reason as its message."""
+
+
+def show_path(path: str | Path) -> str:
+    """A path as printable text on one line (undecodable bytes and control characters escaped)."""
+    text = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass
@@ -42,11 +62,19 @@ class ImageData:
 
 # --- folders ---------------------------------------------------------------------------------
 
-def list_images(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursively and sorted; symlinked folders are followed once (no loops)."""
+def list_images(root: str | Path, log=None) -> list[Path]:
+    """Image files under `root`, recursively and sorted; symlinked folders are followed once (no loops).
+
+    A folder that cannot be read is skipped, with a warning through `log` when given.
+    """
     root = Path(root)
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=None):
+
+    def unreadable(exc: OSError) -> None:
+        if log is not None:
+            log(f"warning: skipping folder {show_path(exc.filename or root)}: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -73,14 +101,47 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def _open_regular(path: str | Path):
+    """Open a regular, non-empty file for reading; FIFOs and devices are refused without blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkippedFile("not a regular file (a FIFO, device or socket)")
+        if st.st_size == 0:
+            raise SkippedFile("empty file (0 bytes)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
-    """Decode one file to (size, size, channels) uint8: convert, resize the short side, center-crop."""
-    with Image.open(path) as img:
-        img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at a reduced scale
-        img = ImageOps.exif_transpose(img)
-        img = _to_mode(img, channels)
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8)
+    """Decode one file to (size, size, channels) uint8: convert, resize the short side, center-crop.
+
+    Raises SkippedFile (or Pillow's / the OS's error) for a file that is not a usable image. An
+    image with more pixels than `PIL.Image.MAX_IMAGE_PIXELS` after JPEG draft scaling is refused
+    before its pixels are decoded.
+    """
+    Image.init()
+    with _open_regular(path) as f:
+        try:
+            img = Image.open(f, formats=[d for d in DECODERS if d in Image.OPEN])
+        except UnidentifiedImageError:
+            f.seek(0)
+            head = f.read(8)
+            raise SkippedFile(f"not a JPEG, PNG, WebP, BMP or GIF image (starts with {head!r})") from None
+        with img:
+            img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at a reduced scale
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise Image.DecompressionBombError(
+                    f"{img.width}x{img.height} = {img.width * img.height} pixels is over Pillow's limit of "
+                    f"{limit} (PIL.Image.MAX_IMAGE_PIXELS); not decoded (possible decompression bomb)")
+            img = ImageOps.exif_transpose(img)
+            img = _to_mode(img, channels)
+            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8)
     return arr.reshape(size, size, channels)
 
 
@@ -98,21 +159,26 @@ def _fingerprint(paths: list[Path], size: int, channels: int) -> str:
 def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple[np.ndarray, int]:
     def one(path: Path):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return load_image(path, size, channels), None
-        except Exception as exc:  # corrupt, truncated, not an image, too large, unreadable
+            return load_image(path, size, channels), None
+        except SkippedFile as exc:
+            return None, str(exc)
+        except Exception as exc:  # corrupt, truncated, not an image, too large, unreadable, vanished
             reason = " ".join(str(exc).split()) or type(exc).__name__
             return None, f"{type(exc).__name__}: {reason}"
 
     workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(one, paths))
+    # load_image checks the pixel limit itself (after JPEG draft scaling); Pillow's own warning for
+    # images between 1x and 2x the limit is silenced here, once, around all threads (a
+    # catch_warnings per thread would race on the process-wide filter list).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, paths))
     good, skipped = [], 0
     for path, (arr, err) in zip(paths, results):
         if arr is None:
             skipped += 1
-            log(f"warning: skipping {path}: {err}")
+            log(f"warning: skipping {show_path(path)}: {show_path(err)}")
         else:
             good.append(arr)
     if not good:
@@ -124,38 +190,62 @@ def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str |
                 log=print) -> ImageData:
     """Decode every image under `root` (skipping unreadable ones with a warning)."""
     root = Path(root)
-    if not root.exists():
-        raise DdpmError(f"data folder {root} does not exist; pass --data FOLDER or --data builtin:digits")
-    if not root.is_dir():
-        raise DdpmError(f"data path {root} is not a folder; pass a folder of images or --data builtin:digits")
-    paths = list_images(root)
+    shown = show_path(root)
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except (OSError, ValueError):  # e.g. an embedded NUL byte or a name too long
+        exists = is_dir = False
+    if not exists:
+        raise DdpmError(f"data folder {shown} does not exist; pass --data FOLDER or --data builtin:digits")
+    if not is_dir:
+        raise DdpmError(f"data path {shown} is not a folder; pass a folder of images or --data builtin:digits")
+    paths = list_images(root, log)
     if not paths:
-        raise DdpmError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; "
+        raise DdpmError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {shown}; "
                         "put images in it (any sub-folders) or use --data builtin:digits")
     cache_file = None
     if cache_dir:
         cache_file = Path(cache_dir) / f"{_fingerprint(paths, size, channels)}.npy"
-        if cache_file.exists():
+        try:
+            cached = cache_file.is_file()
+        except (OSError, ValueError):
+            cached = False
+        if cached:
             try:
                 images = np.load(cache_file, mmap_mode="r")
                 if images.ndim == 4 and images.shape[1:] == (size, size, channels):
                     return ImageData(images, str(root))
             except (OSError, ValueError):
                 pass
-            log(f"warning: ignoring unreadable image cache {cache_file}; rebuilding it")
+            log(f"warning: ignoring unreadable image cache {show_path(cache_file)}; rebuilding it")
     images, skipped = _decode_all(paths, size, channels, log)
     if len(images) == 0:
-        raise DdpmError(f"none of the {len(paths)} image files under {root} could be read; "
+        raise DdpmError(f"none of the {len(paths)} image files under {shown} could be read; "
                         "check that they are valid jpg/png/webp/bmp images")
     if skipped:
         log(f"warning: skipped {skipped} of {len(paths)} files that could not be read as images")
     if cache_file is not None:
+        images = _write_cache(images, cache_file, log)
+    return ImageData(images, str(root), skipped)
+
+
+def _write_cache(images: np.ndarray, cache_file: Path, log=print) -> np.ndarray:
+    """Save the decoded images as a memory-mapped cache; on failure keep them in memory, with a warning."""
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+    try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, images)
         os.replace(tmp, cache_file)
-        images = np.load(cache_file, mmap_mode="r")
-    return ImageData(images, str(root), skipped)
+        return np.load(cache_file, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+        log(f"warning: cannot write the image cache {show_path(cache_file)} ({show_path(reason)}); "
+            "keeping the images in memory")
+        return images
 
 
 # --- built-in data sets ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_checkpoint, load_state, model_from_config, config_of
-from .config import from_dict
+from .config import from_dict, validate
 from .errors import DdpmError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -52,9 +52,9 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
                         "create one with `ddpm export --ckpt PATH --out DIR`")
     try:
         meta = json.loads(config.read_text())
-        cfg = from_dict(meta["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DdpmError(f"{config} is not a valid ddpmkit export config ({exc})") from None
+        cfg = validate(from_dict(meta["config"]))
+    except (ValueError, KeyError, TypeError, AttributeError, DdpmError) as exc:
+        raise DdpmError(f"{config} is not a valid ddpmkit export config ({' '.join(str(exc).split())[:160]})") from None
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -42,8 +42,12 @@ class RunLock:
             os.close(fd)
             raise DdpmError(f"run '{self.run_name}' is being trained by another process (pid {holder}, lock "
                             f"{self.path}); wait for it to finish or use another --run-name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise DdpmError(f"cannot write the run lock {self.path}: {os.strerror(exc.errno)}") from None
         self.fd = fd
         return self
 

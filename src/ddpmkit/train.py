@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 import dataclasses
 import math
 import signal
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -63,7 +65,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DdpmError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DdpmError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DdpmError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -193,6 +197,8 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, l
                         f"{ckpt['config']['data']['channels']}; use --fresh or another --run-name")
 
     torch.manual_seed(t_cfg.seed)  # the same on every rank: one shared RNG stream
+    random.seed(t_cfg.seed)
+    np.random.seed(t_cfg.seed % 2**32)
     model, diffusion = model_from_config(cfg, device)
     model.train()
     ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 and main else None  # identical weights: rank 0 suffices
@@ -255,6 +261,11 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, l
     def save(next_epoch: int, batch_in_epoch: int) -> None:
         if not main:
             return
+        # A step can pass the gradient check and still overflow the weights (absurd lr / decay).
+        nets = [model] + ([ema.model] if ema is not None else [])
+        if not all(torch.isfinite(p).all() for net_ in nets for p in net_.parameters()):
+            raise DdpmError(f"the weights became non-finite at step {step} (learning rate or weight decay too "
+                            f"large?); not saving them, the last good checkpoint is {paths.ckpt}")
         atomic_save({
             "format_version": FORMAT_VERSION,
             "ddpmkit_version": __version__,
