@@ -7,6 +7,16 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread in this process: on a shared 2-core machine two threads contend and a
+    tiny training step gets ~10x slower. Restored afterwards for other test files."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     """A small seed-layout folder (dataset/class_folder/*.png|jpg) of smooth coloured blobs."""
     root = tmp_path / "dataset"

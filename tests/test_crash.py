@@ -45,14 +45,7 @@ SLOW_STEPS = ["--image-size", "32", "--set", "model.base_channels=32", "--set", 
               "--set", "model.attn_levels=2", "--set", "model.time_dim=128", "--grad-accum", "6"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread in this process: on a shared 2-core machine two threads contend and a
-    tiny training step gets ~10x slower. Restored afterwards for other test files."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 # --- 1. SIGKILL at random moments --------------------------------------------------------------

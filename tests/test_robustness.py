@@ -72,14 +72,7 @@ def nonfinite(obj):
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread in this process: on a shared 2-core machine two threads contend and a
-    tiny training step gets ~10x slower. Restored afterwards for other test files."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 # --- 3. a non-finite loss never reaches a checkpoint ---------------------------------------------
