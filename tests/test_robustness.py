@@ -271,7 +271,7 @@ def test_source_only_loads_weights_safely():
     assert torch_loads  # the scan sees the checkpoint loader
     # The one code-loading path: the FID Inception network is TorchScript, a program by design; it is
     # loaded only from a file the user names (docs/guarantees.md says so).
-    assert all(w.startswith("evaluate.py") for w in jit_loads), jit_loads
+    assert all(w.startswith("extractors.py") for w in jit_loads), jit_loads
 
 
 class _WriteMarker:

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddpmkit import scoring
@@ -33,6 +34,20 @@ def test_eval_samples_folder_json_and_cache(tmp_path, capsys):
     assert clean["comparable_to_published"] is False
     assert "NOT comparable" in capsys.readouterr().out
     assert len(list(cache.glob("*.npz"))) == 1  # the reference stats were computed once and reused
+
+
+def test_score_reports_the_extractors_comparability():
+    rng = np.random.default_rng(0)
+    real = {"features": rng.normal(size=(40, 4))}
+    fake = torch.from_numpy(rng.normal(size=(40, 4)))
+
+    class Ext:
+        name = "stand-in"
+
+    for flag in (True, False):
+        Ext.comparable_to_published = flag
+        result = scoring.score(real, fake, Ext())
+        assert result["comparable_to_published"] is flag and result["extractor"] == "stand-in"
 
 
 def test_reference_key_changes_with_folder_contents(tmp_path):

@@ -271,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import scoring
     from .distributed import generate_distributed
-    from .evaluate import compute_features
+    from .extractors import compute_features
     from .images import to_uint8
     from .train import resolve_device
 

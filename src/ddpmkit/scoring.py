@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import evaluate
 from .data import IMAGE_EXTENSIONS, list_images, load_data, load_image
 from .errors import DdpmError
+from .extractors import FeatureExtractor, InceptionExtractor, RandomConvExtractor, compute_features
+from .fid_weights import find_inception_weights
+from .metrics import evaluate_features
+from .reference_cache import cached_feature_stats, dataset_fingerprint
 
 EXTRACTORS = ("auto", "inception", "randconv")
 
@@ -28,23 +31,23 @@ def default_cache_dir() -> Path:
 
 
 def make_extractor(name: str = "auto", inception_path: str | None = None,
-                   device: str | torch.device = "cpu", log=print) -> evaluate.FeatureExtractor:
+                   device: str | torch.device = "cpu", log=print) -> FeatureExtractor:
     """inception (standard FID network, local weights), randconv (weight-free, not comparable), or
     auto: inception when its weights are found, randconv otherwise (with a notice)."""
     if name not in EXTRACTORS:
         raise DdpmError(f"unknown extractor '{name}'; choose one of {', '.join(EXTRACTORS)}")
     if name == "randconv":
-        return evaluate.RandomConvExtractor(device=device)
+        return RandomConvExtractor(device=device)
     if name == "auto":
         try:
-            path = evaluate.find_inception_weights(inception_path)
+            path = find_inception_weights(inception_path)
         except DdpmError:
             log("notice: no Inception weights found (see README, 'FID offline'); using the random-conv "
                 "extractor, whose scores are NOT comparable to published FID")
-            return evaluate.RandomConvExtractor(device=device)
+            return RandomConvExtractor(device=device)
     else:
-        path = evaluate.find_inception_weights(inception_path)
-    return evaluate.InceptionExtractor(path, device=device)
+        path = find_inception_weights(inception_path)
+    return InceptionExtractor(path, device=device)
 
 
 def reference_key(ref: str, size: int, channels: int) -> str:
@@ -58,20 +61,20 @@ def reference_key(ref: str, size: int, channels: int) -> str:
             entries.append((str(p), st.st_size, st.st_mtime_ns))
         except OSError:
             continue
-    return f"{evaluate.dataset_fingerprint(entries)}|{size}|{channels}"
+    return f"{dataset_fingerprint(entries)}|{size}|{channels}"
 
 
-def reference_stats(ref: str, size: int, channels: int, extractor: evaluate.FeatureExtractor,
+def reference_stats(ref: str, size: int, channels: int, extractor: FeatureExtractor,
                     cache_dir: str | Path | None = None, batch_size: int = 64, log=print) -> dict[str, Any]:
     """Features and statistics of the reference data, computed once and cached (no augmentation)."""
     def compute():
         data = load_data(ref, size, channels, log=log)
         images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)
         log(f"computing reference features of {len(images)} images from {ref} with {extractor.name}")
-        return evaluate.compute_features(extractor, images, batch_size)
+        return compute_features(extractor, images, batch_size)
 
-    return evaluate.reference_stats(reference_key(ref, size, channels), compute, cache_dir or default_cache_dir(),
-                                    extractor)
+    return cached_feature_stats(reference_key(ref, size, channels), compute, cache_dir or default_cache_dir(),
+                                extractor)
 
 
 def load_samples(path: str | Path) -> torch.Tensor:
@@ -103,7 +106,7 @@ def load_samples(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def sample_features(model, diffusion, n: int, extractor: evaluate.FeatureExtractor, sampler: str = "ddpm",
+def sample_features(model, diffusion, n: int, extractor: FeatureExtractor, sampler: str = "ddpm",
                     steps: int | None = None, seed: int = 0, batch_size: int = 64, bf16: bool = False,
                     progress: bool = True, **options) -> torch.Tensor:
     """Generate `n` samples in batches (image k seeded by (seed, k)) and return their features."""
@@ -119,11 +122,11 @@ def sample_features(model, diffusion, n: int, extractor: evaluate.FeatureExtract
     return torch.cat(feats)
 
 
-def score(real: dict[str, Any], fake_features: torch.Tensor, extractor: evaluate.FeatureExtractor) -> dict[str, Any]:
+def score(real: dict[str, Any], fake_features: torch.Tensor, extractor: FeatureExtractor) -> dict[str, Any]:
     """FID, KID, precision and recall of generated features against reference stats."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = evaluate.evaluate_features(real["features"], fake_features.numpy(),
+        metrics = evaluate_features(real["features"], fake_features.numpy(),
                                              kid_subset_size=min(1000, len(fake_features), len(real["features"])))
     metrics.update(extractor=extractor.name, comparable_to_published=bool(extractor.comparable_to_published),
                    warnings=[str(w.message) for w in caught])
@@ -148,11 +151,11 @@ class TrainingMetric:
     def __call__(self, model, diffusion, bf16: bool = False) -> dict[str, float]:
         if self._real is None:
             images = torch.from_numpy(np.ascontiguousarray(self._images)).permute(0, 3, 1, 2)
-            self._real = evaluate.compute_features(self.extractor, images, self.batch_size).numpy()
+            self._real = compute_features(self.extractor, images, self.batch_size).numpy()
         fake = sample_features(model, diffusion, self.n, self.extractor, self.sampler, self.steps, self.seed,
                                self.batch_size, bf16, progress=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-n warnings would repeat at every evaluation
-            m = evaluate.evaluate_features(self._real, fake.numpy(),
+            m = evaluate_features(self._real, fake.numpy(),
                                            kid_subset_size=min(1000, self.n, len(self._real)))
         return {"fid": m["fid"], "kid": m["kid_mean"], "precision": m["precision"], "recall": m["recall"]}
