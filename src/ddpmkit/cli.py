@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import Config, load_file
+from .config import PRESETS, Config, load_file
 from .errors import DdpmError
 
 _DEFAULTS = Config()
@@ -32,7 +32,9 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--grad-clip", "train", "grad_clip", float, "max gradient norm (0 = off)"),
     ("--ema-decay", "train", "ema_decay", float, "EMA decay of the weights (0 = off)"),
     ("--bf16", "train", "bf16", bool, "bf16 autocast on CPU or GPU (true/false)"),
-    ("--model-size", "model", "size", str, "named model size: tiny | small | seed | cifar"),
+    ("--grad-checkpoint", "train", "grad_checkpoint", bool,
+     "recompute block activations in backward: less memory, slower steps (true/false)"),
+    ("--model-size", "model", "size", str, f"named model size: {' | '.join(PRESETS)}"),
     ("--timesteps", "diffusion", "timesteps", int, "number of diffusion steps T"),
     ("--schedule", "diffusion", "schedule", str, "beta schedule: linear | cosine | sigmoid"),
     ("--prediction", "diffusion", "prediction", str, "network target: eps | x0 | v"),

@@ -24,13 +24,46 @@ else:  # pragma: no cover
 
 @dataclass
 class ModelConfig:
-    size: str = "seed"                       # preset in models/registry.py the fields started from, or custom
+    size: str = "seed"                       # preset in PRESETS below the fields started from, or custom
+    arch: str = "unet"                       # unet: the seed tutorial's network | adm: ADM-style (models/adm.py)
     base_channels: int = 64                  # channels at full resolution
     channel_mults: tuple[int, ...] = (1, 2, 4, 4)  # channels per level = base * mult; len-1 downsamplings
     attn_levels: tuple[int, ...] = (0, 1, 2, 3)    # levels with self-attention; level k is image_size / 2**k
     num_heads: int = 4                       # attention heads
-    time_dim: int = 256                      # sinusoidal time-embedding width
+    time_dim: int = 256                      # sinusoidal time-embedding width (adm: also its MLP's width)
     dropout: float = 0.0                     # dropout inside the conv blocks
+    num_res_blocks: int = 2                  # adm: residual blocks per level (the decoder has one more); unet: unused
+
+
+# Network architectures `build_model` knows (models/registry.py dispatches on these names).
+ARCHS = ("unet", "adm")
+
+# Named model sizes (`--model-size NAME`), each a complete ModelConfig. A checkpoint stores the
+# fields, not the name's meaning, so changing a preset never changes an old checkpoint's model;
+# checkpoints from before `arch` existed load as arch="unet".
+PRESETS: dict[str, ModelConfig] = {
+    # 1.46M parameters: the CPU demo (16x16 or 32x32 images); about the old UNet tiny's cost per image.
+    "tiny": ModelConfig(size="tiny", arch="adm", base_channels=32, channel_mults=(1, 2, 2), attn_levels=(2,),
+                        num_heads=4, time_dim=256, num_res_blocks=1),
+    # 7.7M parameters: small datasets at 32x32 on one GPU or a patient CPU.
+    "small": ModelConfig(size="small", arch="adm", base_channels=64, channel_mults=(1, 1, 2, 2), attn_levels=(2,),
+                         num_heads=4, time_dim=256, num_res_blocks=2),
+    # The seed tutorial's UNet (23.3M at 3 channels): attention after every Down and Up block.
+    "seed": ModelConfig(size="seed", arch="unet", base_channels=64, channel_mults=(1, 2, 4, 4),
+                        attn_levels=(0, 1, 2, 3), num_heads=4, time_dim=256),
+    # 31.4M parameters, DDPM-CIFAR-10's layout (Ho et al. 2020, App. B: 128 channels, 35.7M) at 120 channels:
+    # 2 residual blocks per level, attention at 16x16, dropout 0.1.
+    "cifar": ModelConfig(size="cifar", arch="adm", base_channels=120, channel_mults=(1, 2, 2, 2), attn_levels=(1,),
+                         num_heads=4, time_dim=256, dropout=0.1, num_res_blocks=2),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise DdpmError(f"unknown model size '{name}'; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
 
 
 @dataclass
@@ -93,6 +126,7 @@ class TrainConfig:
     eval_extractor: str = "randconv"         # randconv (fast, weight-free) | inception | auto
     eval_sampler: str = "dpm++2m"            # sampler for training-time evaluation
     eval_steps: int = 20                     # its steps
+    grad_checkpoint: bool = False            # recompute residual/attention blocks in backward: less activation memory, slower steps
 
 
 @dataclass
@@ -180,8 +214,6 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
         target = getattr(out, section)
         if section == "model" and values.get("size", "custom") != "custom":
             # A preset replaces the whole model section; explicit model keys then apply on top.
-            from .models.registry import preset
-
             target = preset(str(values["size"]))
             setattr(out, section, target)
         for key, value in values.items():
@@ -237,7 +269,6 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Reject impossible values with a message that names the field and the allowed range."""
-    from .models.registry import PRESETS
     from .samplers import SAMPLERS
 
     m, d, data, t = cfg.model, cfg.diffusion, cfg.data, cfg.train
@@ -261,6 +292,8 @@ def validate(cfg: Config) -> Config:
     _check(m.time_dim >= 2 and m.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {m.time_dim}")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.size in PRESETS or m.size == "custom", f"model.size '{m.size}' is not one of {sorted(PRESETS)}")
+    _check(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
+    _check(m.num_res_blocks >= 1, f"model.num_res_blocks must be >= 1, got {m.num_res_blocks}")
 
     _check(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
     _check(d.schedule in ("linear", "cosine", "sigmoid"),

@@ -1,38 +1,42 @@
-"""Named model sizes, usable as `--model-size NAME` and from `build_model`."""
+"""Build the network a ModelConfig describes, dispatching on `cfg.arch`.
+
+The named sizes (PRESETS, `preset`) are config data and live in config.py; they are re-exported
+here for older imports. This module imports config, never the other way round.
+"""
 from __future__ import annotations
 
-import dataclasses
+from typing import Callable
 
-from ..config import ModelConfig
+from torch import nn
+
+from ..config import PRESETS, ModelConfig, preset
 from ..errors import DdpmError
+from .adm import ADMUNet
 from .unet import UNet
 
-# Each preset is a complete ModelConfig; `seed` is the tutorial's 64x64 network.
-PRESETS: dict[str, ModelConfig] = {
-    # ~1.4M parameters: the CPU demo (16x16 or 32x32 images).
-    "tiny": ModelConfig(size="tiny", base_channels=32, channel_mults=(1, 2, 2), attn_levels=(2,),
-                        num_heads=4, time_dim=128),
-    # ~8M parameters: small datasets at 32x32 on one GPU or a patient CPU.
-    "small": ModelConfig(size="small", base_channels=64, channel_mults=(1, 2, 2, 2), attn_levels=(2,),
-                         num_heads=4, time_dim=256),
-    # The seed tutorial's UNet: attention after every Down and Up block.
-    "seed": ModelConfig(size="seed", base_channels=64, channel_mults=(1, 2, 4, 4), attn_levels=(0, 1, 2, 3),
-                        num_heads=4, time_dim=256),
-    # ~31M parameters, a DDPM-CIFAR-10-like width (Ho et al. 2020, App. B; 35.7M there): 128 channels, attention at 16x16.
-    "cifar": ModelConfig(size="cifar", base_channels=128, channel_mults=(1, 2, 2, 2), attn_levels=(1,),
-                         num_heads=4, time_dim=256, dropout=0.1),
-}
+
+def _unet(cfg: ModelConfig, c_in: int, c_out: int) -> nn.Module:
+    return UNet(c_in=c_in, c_out=c_out, time_dim=cfg.time_dim, base_channels=cfg.base_channels,
+                channel_mults=tuple(cfg.channel_mults), attn_levels=tuple(cfg.attn_levels),
+                num_heads=cfg.num_heads, dropout=cfg.dropout)
 
 
-def preset(name: str) -> ModelConfig:
-    """A fresh copy of the named preset."""
-    if name not in PRESETS:
-        raise DdpmError(f"unknown model size '{name}'; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+def _adm(cfg: ModelConfig, c_in: int, c_out: int) -> nn.Module:
+    return ADMUNet(c_in=c_in, c_out=c_out, time_dim=cfg.time_dim, base_channels=cfg.base_channels,
+                   channel_mults=tuple(cfg.channel_mults), attn_levels=tuple(cfg.attn_levels),
+                   num_heads=cfg.num_heads, dropout=cfg.dropout, num_res_blocks=cfg.num_res_blocks)
 
 
-def build_model(cfg: ModelConfig, channels: int, out_channels: int | None = None) -> UNet:
-    """Build the UNet a ModelConfig describes, for images with `channels` channels."""
-    return UNet(c_in=channels, c_out=out_channels or channels, time_dim=cfg.time_dim,
-                base_channels=cfg.base_channels, channel_mults=tuple(cfg.channel_mults),
-                attn_levels=tuple(cfg.attn_levels), num_heads=cfg.num_heads, dropout=cfg.dropout)
+# One builder per name in config.ARCHS (a test checks that the two agree).
+BUILDERS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {"unet": _unet, "adm": _adm}
+
+
+def build_model(cfg: ModelConfig, channels: int, out_channels: int | None = None) -> nn.Module:
+    """Build the network `cfg` describes for images with `channels` channels; `out_channels`
+    defaults to `channels` (2 * channels for a learned variance)."""
+    if cfg.arch not in BUILDERS:
+        raise DdpmError(f"unknown model.arch '{cfg.arch}'; choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[cfg.arch](cfg, channels, out_channels or channels)
+
+
+__all__ = ["BUILDERS", "PRESETS", "build_model", "preset"]

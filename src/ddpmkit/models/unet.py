@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -149,8 +150,21 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(ups)
         self.up_attn = nn.ModuleList(up_attn)
         self.outc = nn.Conv2d(width, c_out, kernel_size=1)
+        self.grad_checkpointing = False
         if device is not None:
             self.to(device)
+
+    def set_grad_checkpointing(self, flag: bool = True) -> None:
+        """Recompute the Down/Up, middle and attention blocks in backward instead of storing their
+        activations (only while training with gradients enabled); gradients are unchanged."""
+        self.grad_checkpointing = bool(flag)
+
+    def _block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if isinstance(block, nn.Identity):
+            return args[0]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def pos_encoding(self, t: torch.Tensor, channels: int) -> torch.Tensor:
         """The seed's name for the sinusoidal time embedding."""
@@ -163,12 +177,12 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = timestep_embedding(t, self.time_dim).to(x.dtype)
-        skips = [self.inc(x)]
+        skips = [self._block(self.inc, x)]
         h = skips[0]
         for down, attn in zip(self.downs, self.down_attn):
-            h = attn(down(h, emb))
+            h = self._block(attn, self._block(down, h, emb))
             skips.append(h)
-        h = self.bot(skips.pop())
+        h = self._block(self.bot, skips.pop())
         for up, attn in zip(self.ups, self.up_attn):
-            h = attn(up(h, skips.pop(), emb))
+            h = self._block(attn, self._block(up, h, skips.pop(), emb))
         return self.outc(h)
