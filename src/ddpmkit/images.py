@@ -1,4 +1,10 @@
-"""Image grids, saving and plotting (Pillow only)."""
+"""Image grids, saving and plotting (Pillow only).
+
+Grids that are written or shown for people (`save_images`, `plot_images`) are enlarged with
+nearest-neighbour by a whole factor until they are at least `READABLE_WIDTH` px across, so a
+grid of 16 px samples is not a thumbnail; pass `min_width=0` to keep the native size.
+`make_grid` itself stays native (TensorBoard scales its images itself).
+"""
 from __future__ import annotations
 
 import math
@@ -35,21 +41,42 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
+READABLE_WIDTH = 256
+
+
+def upscale(arr: np.ndarray, min_width: int = READABLE_WIDTH) -> np.ndarray:
+    """Repeat every pixel k x k times (nearest-neighbour), the smallest whole k that makes the
+    (H, W, C) image at least `min_width` px wide; unchanged when it already is or min_width <= 0."""
+    k = -(-min_width // arr.shape[1]) if min_width > 0 else 1
+    return arr if k <= 1 else np.repeat(np.repeat(arr, k, axis=0), k, axis=1)
+
+
 def _pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-def _atomic_image_save(img: Image.Image, path: Path) -> None:
+def atomic_image_save(img: Image.Image, path: Path, **save_kwargs) -> None:
+    """Save through a temporary file and a rename, so a reader never sees a half-written image."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    img.save(tmp, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(tmp)
-    os.replace(tmp, path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        save_kwargs.setdefault("quality", 95)
+    try:
+        img.save(tmp, **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def save_images(images: torch.Tensor, path: str | Path, nrow: int | None = None, **grid_kwargs) -> Path:
-    """Save images as one grid (jpg, png, ... by the file's suffix); the seed's `save_images`."""
+def save_images(images: torch.Tensor, path: str | Path, nrow: int | None = None, *,
+                min_width: int = READABLE_WIDTH, **grid_kwargs) -> Path:
+    """Save images as one grid (jpg, png, ... by the file's suffix); the seed's `save_images`.
+
+    The grid is enlarged to at least `min_width` px across (nearest-neighbour); 0 keeps it native.
+    """
     path = Path(path)
-    _atomic_image_save(_pil(make_grid(images, nrow, **grid_kwargs)), path)
+    atomic_image_save(_pil(upscale(make_grid(images, nrow, **grid_kwargs), min_width)), path)
     return path
 
 
@@ -66,9 +93,10 @@ def save_each(images: torch.Tensor, out_dir: str | Path, first_index: int = 0) -
     return paths
 
 
-def plot_images(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
-    """Show images in a row-major grid (inline in notebooks, with matplotlib elsewhere); returns the grid."""
-    img = _pil(make_grid(images, nrow))
+def plot_images(images: torch.Tensor, nrow: int | None = None, min_width: int = READABLE_WIDTH) -> Image.Image:
+    """Show images in a row-major grid (inline in notebooks, with matplotlib elsewhere); returns the
+    grid, enlarged to at least `min_width` px across (0 = native)."""
+    img = _pil(upscale(make_grid(images, nrow), min_width))
     try:
         from IPython import get_ipython
         from IPython.display import display
