@@ -48,6 +48,12 @@ SLOW_STEPS = ["--image-size", "32", "--set", "model.base_channels=32", "--set", 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
+@pytest.fixture(autouse=True)
+def no_curves(monkeypatch):
+    """No curves.png in in-process runs here (about a second each); tests/test_train.py tests it."""
+    monkeypatch.setattr(train_module, "DRAW_CURVES", False)
+
+
 # --- 1. SIGKILL at random moments --------------------------------------------------------------
 
 def _check_soak(summary, kills):
@@ -224,14 +230,14 @@ def _overrides(folder, workdir, **train_kw):
 
 def _record_saves(monkeypatch):
     saves = []
-    real = train_module.atomic_save
+    real = checkpoint.atomic_save
 
     def spy(obj, path):
         real(obj, path)
         ckpt = checkpoint.load_checkpoint(path)  # what reached the disk
         saves.append((ckpt["next_epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]))
 
-    monkeypatch.setattr(train_module, "atomic_save", spy)
+    monkeypatch.setattr(checkpoint, "atomic_save", spy)
     return saves
 
 

@@ -5,11 +5,20 @@ import signal
 import pytest
 import torch
 
-from ddpmkit import checkpoint, losses
+import ddpmkit.train as train_module
+from ddpmkit import checkpoint, curves, load_model, losses
 from ddpmkit.errors import DdpmError
 from ddpmkit.train import prepare, train
 
-SMALL_MODEL = {"size": "custom", "base_channels": 8, "channel_mults": [1, 2], "attn_levels": [1], "time_dim": 16}
+# With dropout, whose masks a resumed run must draw as an uninterrupted one does.
+SMALL_MODEL = {"size": "custom", "base_channels": 8, "channel_mults": [1, 2], "attn_levels": [1], "time_dim": 16,
+               "dropout": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def no_curves(monkeypatch):
+    """curves.png costs about a second per run; the tests of the curves hook turn it back on."""
+    monkeypatch.setattr(train_module, "DRAW_CURVES", False)
 
 
 def overrides(folder, workdir, **train_kw):
@@ -54,11 +63,11 @@ def test_graceful_stop_mid_epoch_then_step_level_resume(image_folder, tmp_path, 
     calls = {"n": 0}
     real_call = losses.VPLoss.__call__
 
-    def interrupting(self, net, x0):
+    def interrupting(self, net, x0, draws=None):
         calls["n"] += 1
         if calls["n"] == 4:  # during epoch 1's second optimizer step (3 batches per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_call(self, net, x0)
+        return real_call(self, net, x0, draws)
 
     monkeypatch.setattr(losses.VPLoss, "__call__", interrupting)
     ov2 = overrides(image_folder, tmp_path / "resumed", epochs=2, grad_accum=2)
@@ -123,7 +132,7 @@ def test_resume_with_another_model_config_is_refused(image_folder, tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop(image_folder, tmp_path, monkeypatch):
     real_call = losses.VPLoss.__call__
-    monkeypatch.setattr(losses.VPLoss, "__call__", lambda self, net, x0: real_call(self, net, x0) * float("nan"))
+    monkeypatch.setattr(losses.VPLoss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
     with pytest.raises(DdpmError, match="3 non-finite steps in a row"):
         run(overrides(image_folder, tmp_path, epochs=1, max_nonfinite_steps=3))
 
@@ -136,9 +145,49 @@ def test_objectives_train_and_sample_from_checkpoint(image_folder, tmp_path, dif
     ov = overrides(image_folder, tmp_path, epochs=1)
     ov["diffusion"] = dict(ov["diffusion"], **diffusion)
     summary = run(ov)
-    model, diff, cfg = checkpoint.load_model(summary["ckpt"])
+    model, diff, cfg = load_model(summary["ckpt"])
     for key, value in diffusion.items():
         assert getattr(cfg.diffusion, key) == value
     for sampler in ("ddpm", "dpm++2m"):
         images = diff.sample(model, 3, sampler=sampler, steps=5, seed=0, progress=False)
         assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
+
+
+def test_logged_history_survives_resume_and_is_drawn(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "DRAW_CURVES", True)
+    drawn = []
+    real_write = curves.write_curves
+    monkeypatch.setattr(curves, "write_curves", lambda h, path: (drawn.append(path), real_write(h, path))[1])
+    run(overrides(image_folder, tmp_path, epochs=1))  # 3 steps, log_every 1
+    run(overrides(image_folder, tmp_path, epochs=2))
+    history = states(tmp_path)["history"]
+    assert [s for s, _ in history["loss"]] == [1, 2, 3, 4, 5, 6]  # the first run's points survived the resume
+    assert history["lr"] == [(s, pytest.approx(3e-4)) for s in range(1, 7)]  # the warm-up of 2 steps ends at step 1
+    assert len(history["img_per_sec"]) == 6 and all(v > 0 for _, v in history["img_per_sec"])
+    assert history["fid"] == []  # no training-time evaluation in this run
+    assert drawn == [tmp_path / "results" / "r" / "curves.png"] * 2  # at the end of each run (runs < 60 s)
+    if real_write({"loss": [(1, 1.0)]}, tmp_path / "probe.png") is not None:  # matplotlib is installed
+        assert (tmp_path / "results" / "r" / "curves.png").stat().st_size > 0
+
+
+def test_history_is_thinned_beyond_its_cap(monkeypatch):
+    monkeypatch.setattr(train_module, "HISTORY_CAP", 4)
+    state = train_module.TrainState(None, None, None, None)
+    for step in range(1, 6):
+        state.step = step
+        state.record("loss", step / 10)
+    assert state.history["loss"] == [(1, 0.1), (3, 0.3), (5, 0.5)]
+
+
+def test_failing_curves_never_stop_training(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "DRAW_CURVES", True)
+
+    def broken(history, path):
+        raise RuntimeError("no fonts\nat all")
+
+    monkeypatch.setattr(curves, "write_curves", broken)
+    logs = []
+    cfg, ckpt = prepare(overrides(image_folder, tmp_path, epochs=1))
+    assert train(cfg, ckpt, progress=False, log=logs.append)["status"] == "finished"
+    warnings = [m for m in logs if "curves.png" in m]
+    assert warnings == [f"warning: could not draw {tmp_path / 'results' / 'r' / 'curves.png'}: RuntimeError: no fonts at all"]

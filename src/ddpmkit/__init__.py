@@ -11,7 +11,7 @@ and `load_model("models/RUN/ckpt.pt")` returns (model, diffusion, config) from a
 """
 __version__ = "0.1.0"
 
-from .checkpoint import load_model
+from .loading import load_model
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 from .diffusion import Diffusion, VPDenoiser
 from .errors import DdpmError

@@ -3,9 +3,11 @@
 A checkpoint is a dict of tensors and plain Python values, so `torch.load(path,
 weights_only=True)` reads it. It keeps the seed tutorial's keys (`model_state_dict`,
 `optimizer_state_dict`, `epoch`) and adds everything an exact resume needs plus the full
-config, from which `load_model` rebuilds the network alone. A multi-process run is saved by
-rank 0 alone; its position in the epoch is also stored as images, so that a resume with
-another number of processes (or batch size) continues where it stopped (`resume_batch`).
+config, from which `loading.load_model` rebuilds the network alone. The schema -- which keys a
+training checkpoint holds and what they mean -- is written by `training_checkpoint` and read by
+`restore_training`, here and nowhere else. A multi-process run is saved by rank 0 alone; its
+position in the epoch is also stored as images, so that a resume with another number of
+processes (or batch size) continues where it stopped (`resume_batch`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import __version__
 from .config import Config, from_dict, validate
 from .errors import DdpmError
 
@@ -201,19 +204,85 @@ def load_state(model: torch.nn.Module, state: dict, path: str | Path, what: str 
                         "the checkpoint is damaged or was made by another version") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """Rebuild (model, diffusion, config) from a checkpoint alone (the EMA weights by default),
-    or from a folder written by `ddpm export`.
+# --- the training checkpoint's schema ----------------------------------------------------------
+# `state` below is a train.TrainState: model, ema (an EMA or None), opt, sched, epoch (the epoch
+# to continue in), batch (the next batch of that epoch), step, skipped and history.
 
-    The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it.
-    """
-    if Path(path).is_dir():
-        from .export import load_exported
+HISTORY_KEYS = ("loss", "lr", "img_per_sec", "fid")
 
-        return load_exported(path, device)
-    ckpt = load_checkpoint(path)
-    cfg = config_of(ckpt, path)
-    model, diffusion = model_from_config(cfg, device)
-    key = "ema_state_dict" if ema and ckpt.get("ema_state_dict") is not None else "model_state_dict"
-    load_state(model, ckpt[key], path, "EMA" if key.startswith("ema") else "model")
-    return model.eval(), diffusion, cfg
+
+def new_history() -> dict[str, list[tuple[int, float]]]:
+    """The logged curves of a run: for each key, a list of (global step, value)."""
+    return {key: [] for key in HISTORY_KEYS}
+
+
+def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: torch.device) -> dict[str, Any]:
+    """The checkpoint dict of a training state; `restore_training` reads it back."""
+    ema = state.ema.model.state_dict() if state.ema is not None else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "ddpmkit_version": __version__,
+        "config": cfg.to_dict(),
+        "model_state_dict": state.model.state_dict(),
+        "ema_state_dict": ema,
+        "optimizer_state_dict": state.opt.state_dict(),
+        "scheduler_state_dict": state.sched.state_dict(),
+        "epoch": state.epoch - 1,  # the seed's key: last completed epoch (-1 before the first)
+        "next_epoch": state.epoch,
+        "batch_in_epoch": state.batch,
+        "images_in_epoch": min(state.batch * cfg.train.batch_size * world, n_images),
+        "world_size": world,
+        "global_step": state.step,
+        "nonfinite_skipped": state.skipped,
+        "history": {key: [(int(s), float(v)) for s, v in points] for key, points in state.history.items()},
+        "rng_state": rng_state(device),
+    }
+
+
+def save_training(path: Path, state, cfg: Config, world: int, n_images: int, device: torch.device) -> None:
+    """Write the training state to `path` atomically; non-finite weights are refused, not written."""
+    # A step can pass the gradient check and still overflow the weights (absurd lr / decay).
+    nets = [state.model] + ([state.ema.model] if state.ema is not None else [])
+    if not all(torch.isfinite(p).all() for net in nets for p in net.parameters()):
+        raise DdpmError(f"the weights became non-finite at step {state.step} (learning rate or weight decay too "
+                        f"large?); not saving them, the last good checkpoint is {path}")
+    atomic_save(training_checkpoint(state, cfg, world, n_images, device), path)
+
+
+def position_of(ckpt: dict[str, Any] | None) -> tuple | None:
+    """(global step, next epoch, batch in epoch) of a checkpoint; None for a fresh run."""
+    return None if ckpt is None else (ckpt.get("global_step"), ckpt.get("next_epoch"), ckpt.get("batch_in_epoch"))
+
+
+def check_channels(ckpt: dict[str, Any] | None, channels: int) -> None:
+    """Refuse to resume a run on data with another number of channels than it was trained on."""
+    stored = None if ckpt is None else ckpt["config"]["data"]["channels"]
+    if stored not in (None, 0, channels):
+        raise DdpmError(f"the data now has {channels} channels but the run was trained on {stored}; "
+                        "use --fresh or another --run-name")
+
+
+def restore_training(state, ckpt: dict[str, Any], cfg: Config, n_images: int, world: int,
+                     device: torch.device, path: Path) -> str | None:
+    """Load a checkpoint into a freshly built training state; returns a note when the data
+    position had to be converted to this run's batch layout (see `resume_batch`)."""
+    t = cfg.train
+    load_state(state.model, ckpt["model_state_dict"], path)
+    if state.ema is not None and ckpt.get("ema_state_dict") is not None:
+        load_state(state.ema.model, ckpt["ema_state_dict"], path, "EMA")
+    elif state.ema is not None:
+        state.ema.model.load_state_dict(state.model.state_dict())
+    state.opt.load_state_dict(ckpt["optimizer_state_dict"])
+    sched = state.sched
+    sched.load_state_dict(ckpt["scheduler_state_dict"])
+    sched.base_lrs = [t.lr] * len(state.opt.param_groups)  # --lr and --weight-decay may change on resume
+    for group in state.opt.param_groups:
+        group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+        group["lr"] = t.lr * sched.lr_lambdas[0](sched.last_epoch)
+    set_rng_state(ckpt["rng_state"], device)
+    state.epoch, state.step = ckpt["next_epoch"], ckpt["global_step"]
+    state.batch, note = resume_batch(ckpt, n_images, t.batch_size, t.grad_accum, world)
+    state.skipped = ckpt.get("nonfinite_skipped", 0)
+    stored = ckpt.get("history") or {}  # absent before the curves were stored
+    state.history = {key: [(int(s), float(v)) for s, v in stored.get(key, [])] for key in HISTORY_KEYS}
+    return note

@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_for_sampling(path: str, device_name: str, ema: bool = True):
     """(ctx, model, diffusion, cfg): under torchrun every process loads the model on its own device."""
     from . import distributed
-    from .checkpoint import load_model
+    from .loading import load_model
     from .train import resolve_device
 
     ctx = distributed.setup(device_name)

@@ -1,4 +1,4 @@
-"""Multi-process helpers: torchrun detection, the process group, shared noise and distributed sampling.
+"""Multi-process helpers: torchrun detection, the process group, failures of peers and distributed sampling.
 
 `torchrun --nproc_per_node N -m ddpmkit.cli train ...` (or `ddpm train` started by torchrun)
 sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` reads them and joins the process group: NCCL with
@@ -10,12 +10,12 @@ peer that crashes, is killed or stops answering becomes a one-line DdpmError on 
 instead of a hang (`translate_errors`). With NCCL, PyTorch's watchdog may instead end a stuck
 process itself once the timeout passes (TORCH_NCCL_ASYNC_ERROR_HANDLING).
 
-Rank-awareness lives here, in train.py and in checkpoint.py only.
+Rank-awareness lives here, in train.py and in checkpoint.py only. (How the processes of a run
+share the random draws of the loss is the trainer's business: see train.py.)
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import re
@@ -25,8 +25,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .errors import DdpmError
 
@@ -208,103 +206,6 @@ def translate_errors(ctx: Context, during: str = "training") -> Iterator[None]:
             f"process {ctx.rank} of {ctx.world} stopped while {during}: {_one_line(exc)}. Another process "
             f"crashed, was killed or did not answer within {timeout_seconds():g} s ({TIMEOUT_ENV}); "
             "see that process's output for the cause") from None
-
-
-# --- one random stream for the global batch --------------------------------------------------
-
-_LIKE = frozenset((torch.randn_like, torch.rand_like, torch.randint_like))
-_FACTORIES = frozenset((torch.randn, torch.rand, torch.randint))
-_UNSUPPORTED = frozenset((
-    torch.normal, torch.bernoulli, torch.multinomial, torch.poisson, torch.randperm, torch.Tensor.normal_,
-    torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.bernoulli, torch.Tensor.random_,
-    torch.Tensor.exponential_, torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.geometric_,
-    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-))
-_DROPOUT_SIG = inspect.signature(F.dropout)
-
-
-def _empty_global(like: torch.Tensor, n: int) -> torch.Tensor:
-    """An empty (n, *like.shape[1:]) tensor laid out in memory like `like` (batch dim outermost).
-
-    Random kernels fill memory in order, so the layout decides which value lands where.
-    """
-    inner = sorted(range(1, like.ndim), key=lambda d: -like.stride(d))  # stable: ties keep their order
-    return torch.empty_permuted((n, *like.shape[1:]), [0, *inner], dtype=like.dtype, device=like.device)
-
-
-class SharedBatchNoise(TorchFunctionMode):
-    """Inside this mode, each random draw is made for the whole global batch and sliced to this rank.
-
-    All processes hold the same RNG state. A loss that calls `torch.randn_like(x)` on its share of
-    a global batch (rows rank::world, as `data.epoch_batches` deals them) then gets exactly the
-    noise rows a single process would give those samples when drawing for the global batch, and
-    the RNG advances as in that single process. Covered: randn/rand/randint, their *_like forms
-    and F.dropout (its mask is drawn for the global shape). Any other random op raises, since
-    drawing it per rank would give every rank the same noise.
-
-    Cost: each process draws `world` times the random numbers it uses, which is small next to the
-    network, and every torch call inside the mode passes through this Python hook: about 200 per
-    forward pass of the `cifar` UNet, some 4 us each on a slow CPU, i.e. under 1 ms per micro-batch.
-    """
-
-    def __init__(self, rank: int, world: int, global_n: int, local_n: int):
-        super().__init__()
-        self.rows = slice(rank, None, world)
-        self.global_n, self.local_n = global_n, local_n
-        if len(range(global_n)[self.rows]) != local_n:
-            raise ValueError(f"rank {rank} of {world} should hold {len(range(global_n)[self.rows])} of "
-                             f"{global_n} samples, not {local_n}")
-
-    def _check(self, what: str, lead: int) -> None:
-        if lead != self.local_n:
-            raise DdpmError(f"distributed training: a random {what} of leading size {lead} was drawn in the loss, "
-                            f"but this process holds {self.local_n} samples; draws must be per sample (batch first)")
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _LIKE:
-            like = args[0]
-            self._check(func.__name__, like.shape[0] if like.ndim else -1)
-            full = func(_empty_global(like, self.global_n), *args[1:], **kwargs)
-            return torch.empty_like(like).copy_(full[self.rows])
-        if func in _FACTORIES:
-            args, kwargs = self._globalize_size(func, list(args), dict(kwargs))
-            return func(*args, **kwargs)[self.rows].contiguous()
-        if func is F.dropout:
-            bound = _DROPOUT_SIG.bind(*args, **kwargs)
-            bound.apply_defaults()
-            x, p, training, inplace = (bound.arguments[k] for k in ("input", "p", "training", "inplace"))
-            if not training or p == 0:
-                return func(*args, **kwargs)
-            self._check("dropout", x.shape[0] if x.ndim else -1)
-            # F.dropout(x) is x * (bernoulli(1 - p) / (1 - p)) with the mask drawn in x's shape and
-            # layout; on ones it returns that mask itself, drawn as the single process draws it.
-            mask = F.dropout(_empty_global(x, self.global_n).fill_(1), p, True)[self.rows]
-            return x.mul_(mask) if inplace else x * mask
-        if func in _UNSUPPORTED:
-            name = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
-            raise DdpmError(f"distributed training cannot share the random op {name} across processes; "
-                            "use torch.randn/rand/randint(_like) or F.dropout in losses and models, or extend "
-                            "distributed.SharedBatchNoise")
-        return func(*args, **kwargs)
-
-    def _globalize_size(self, func, args: list, kwargs: dict) -> tuple[list, dict]:
-        """Replace the leading (batch) size of a randn/rand/randint call by the global batch size."""
-        if "size" in kwargs:
-            size = tuple(kwargs["size"])
-            self._check(func.__name__, size[0] if size else -1)
-            kwargs["size"] = (self.global_n, *size[1:])
-            return args, kwargs
-        for i, a in enumerate(args):
-            if isinstance(a, (tuple, list, torch.Size)):
-                self._check(func.__name__, a[0] if len(a) else -1)
-                args[i] = (self.global_n, *a[1:])
-                return args, kwargs
-        if func is not torch.randint and args:  # torch.randn(n, c, ...): the sizes are the arguments
-            self._check(func.__name__, int(args[0]))
-            args[0] = self.global_n
-            return args, kwargs
-        raise DdpmError(f"distributed training: cannot find the size of a {func.__name__} call")
 
 
 # --- distributed sampling --------------------------------------------------------------------

@@ -1,6 +1,14 @@
 """Training objectives: small callables returning one loss per sample (the trainer reduces).
 
-`make_loss(diffusion)` picks the objective a Diffusion was configured with.
+Each objective separates its random inputs from the computation, as EDM's training loop hands
+its loss the inputs it drew:
+
+    draws = loss_fn.draw(n, like, generator)   # {name: tensor with n rows}, e.g. VP: t and eps
+    per_sample = loss_fn(net, x0, draws)        # draws for x0's rows; loss_fn(net, x0) draws itself
+
+so the trainer can draw the inputs of a whole global batch from one generator and give every
+process its own rows (`take_rows`). `make_loss(diffusion)` picks the objective a Diffusion was
+configured with.
 """
 from __future__ import annotations
 
@@ -28,6 +36,19 @@ def discretized_gaussian_nll(x0: torch.Tensor, mean: torch.Tensor, log_scale: to
     log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
     log_probs = torch.where(x0 < -0.999, log_cdf_plus, torch.where(x0 > 0.999, log_one_minus_cdf_minus, log_delta))
     return -log_probs
+
+
+Draws = dict[str, torch.Tensor]  # the random inputs of a loss, batch first
+
+
+def take_rows(draws: Draws, rows: slice) -> Draws:
+    """The rows `rows` of every tensor in `draws` (e.g. slice(rank, None, world): one process's share)."""
+    return {name: value[rows] for name, value in draws.items()}
+
+
+def _noise(n: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """n standard normal samples of like's per-sample shape, on like's device and in its dtype."""
+    return torch.randn((n, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
 
 
 class VPLoss:
@@ -96,11 +117,17 @@ class VPLoss:
         nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3))
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
-    def __call__(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+    def draw(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> Draws:
+        """The random inputs of n samples shaped like `like`'s rows: t ~ U{0..T-1} and eps ~ N(0, I)."""
+        t = torch.randint(0, len(self.alpha_bar), (n,), generator=generator, device=like.device)
+        return {"t": t, "eps": _noise(n, like, generator)}
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, draws: Draws | None = None) -> torch.Tensor:
+        """One loss per sample of x0; `draws` (from `draw`, one row per sample) or fresh draws."""
+        draws = self.draw(x0.shape[0], x0) if draws is None else draws
         tab = self._tables(x0.device)
         T = len(tab["alpha_bar"])
-        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
+        t, eps = draws["t"], draws["eps"]
         ab = tab["alpha_bar"][t]
         a, s = ab.sqrt().view(-1, 1, 1, 1), (1 - ab).sqrt().view(-1, 1, 1, 1)
         x_t = a * x0 + s * eps
@@ -123,11 +150,18 @@ class EDMLoss:
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
         self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
 
-    def __call__(self, net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
-        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(x0.shape[0], device=x0.device))
+    def draw(self, n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> Draws:
+        """The random inputs of n samples shaped like `like`'s rows: ln sigma ~ N(P_mean, P_std^2) and noise ~ N(0, I)."""
+        ln_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, device=like.device)
+        return {"sigma": torch.exp(ln_sigma), "noise": _noise(n, like, generator)}
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, draws: Draws | None = None) -> torch.Tensor:
+        """One loss per sample of x0; `draws` (from `draw`, one row per sample) or fresh draws."""
+        draws = self.draw(x0.shape[0], x0) if draws is None else draws
+        sigma = draws["sigma"]
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         denoiser = EDMDenoiser(net, self.sigma_data)
-        x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
+        x = x0 + sigma.view(-1, 1, 1, 1) * draws["noise"]
         return weight * ((denoiser(x, sigma) - x0) ** 2).mean(dim=(1, 2, 3))
 
 

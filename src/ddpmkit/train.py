@@ -4,13 +4,23 @@ A run lives in WORKDIR/models/RUN/ckpt.pt (everything a resume needs), WORKDIR/r
 (sample grids drawn with the EMA weights) and WORKDIR/runs/RUN/ (TensorBoard). Running the same
 run name again resumes from the checkpoint, at the exact batch where it stopped.
 
+Random draws. The random inputs of the loss (VP: t and eps; EDM: sigma and noise) of global
+batch b of epoch e are drawn by the trainer, for the whole global batch, from a generator seeded
+by (seed, e, b) alone, and passed to the loss (`losses.VPLoss.draw`). Dropout draws from the
+device's default generator, reseeded per micro-batch from (seed, e, b, rank). No draw depends on
+an RNG state carried from step to step, so a resumed run draws what an uninterrupted one draws.
+
 Under torchrun (`torchrun --nproc_per_node N -m ddpmkit.cli train ...`) the same loop runs with
 DistributedDataParallel: each process takes rows rank::N of every global batch of batch_size * N
-images, so the effective batch is batch_size * grad_accum * N. All processes share one RNG stream
-(`distributed.SharedBatchNoise` draws the noise for the global batch and keeps this process's
-rows), which makes an N-process run the computation of one process with batch_size * N, up to
-float rounding of the gradient all-reduce. Only rank 0 keeps the EMA and writes checkpoints,
-grids, TensorBoard logs and progress; a stop signal on any process stops all at the same step.
+images, so the effective batch is batch_size * grad_accum * N, and the same rows of the global
+batch's draws. Without dropout an N-process run is then the computation of one process with
+batch_size * N, up to float rounding of the gradient all-reduce; with dropout each process draws
+its own masks. Only rank 0 keeps the EMA and writes checkpoints, grids, TensorBoard logs and
+progress; a stop signal on any process stops all at the same step.
+
+The loop is a `_Trainer` around a `TrainState` (what a checkpoint holds: checkpoint.py writes and
+reads it): set-up (load data, build, restore, wrap for DDP), then epochs of micro-batches,
+optimizer steps, logging and periodic actions (checkpoint, sample grid, evaluation).
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,14 +42,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
-from .checkpoint import (FORMAT_VERSION, atomic_save, config_of, load_checkpoint, load_state, model_from_config,
-                         resume_batch, rng_state, set_rng_state)
+from . import distributed
+from .checkpoint import (check_channels, config_of, load_checkpoint, model_from_config, new_history, position_of,
+                         restore_training, save_training)
 from .config import Config, apply_overrides, validate
 from .data import epoch_batches, load_data, num_batches
 from .errors import DdpmError
 from .images import make_grid, save_images
-from .losses import make_loss
+from .losses import make_loss, take_rows
 
 
 @dataclass
@@ -164,253 +174,372 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+# --- random draws fixed by the data position -------------------------------------------------
+
+_LOSS_DRAWS, _DROPOUT = 1, 2  # streams of draw_seed
+DRAW_CURVES = True  # results/RUN/curves.png; the test suite turns it off where it does not test it (a plot costs ~1 s)
+CURVES_EVERY_S = 60.0  # curves.png is redrawn at a checkpoint save at most this often, and at the end of a run
+HISTORY_CAP = 10_000  # points per logged curve kept in the checkpoint; beyond it every other one is dropped
+
+
+def draw_seed(seed: int, stream: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A 64-bit seed that depends only on the run's seed, the stream and the data position."""
+    return int(np.random.SeedSequence([seed, stream, epoch, batch, rank]).generate_state(1, np.uint64)[0])
+
+
+def _seed_dropout(device: torch.device, seed: int) -> None:
+    """Seed the generator that dropout on `device` draws from (that device's default generator only)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
+# --- the state of a run and the loop ---------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """What training changes and a checkpoint keeps (checkpoint.training_checkpoint is the schema).
+
+    `epoch` and `batch` are the data position to continue from: the epoch, and the next batch in it.
+    """
+
+    model: torch.nn.Module
+    ema: EMA | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    skipped: int = 0  # optimizer steps skipped for a non-finite gradient, in all
+    bad_in_row: int = 0
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=new_history)
+
+    def record(self, key: str, value: float) -> None:
+        """Add (step, value) to a logged curve, thinning it to every other point beyond HISTORY_CAP."""
+        points = self.history.setdefault(key, [])
+        points.append((self.step, float(value)))
+        if len(points) > HISTORY_CAP:
+            del points[1::2]
+
+
+@dataclass
+class _Window:
+    """Sums over the micro-batches since the last log line."""
+
+    loss_sum: torch.Tensor
+    n: int = 0
+    images: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
 def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.write,
           progress: bool = True) -> dict[str, Any]:
     """Train until cfg.train.epochs are done (or a stop signal); returns a summary dict.
 
     Started by torchrun with WORLD_SIZE > 1, this joins the process group (NCCL on GPU, gloo on
     CPU), trains with DistributedDataParallel and leaves the group at the end; a failed peer
-    becomes a DdpmError here instead of a hang.
+    becomes a DdpmError here instead of a hang. A run whose every optimizer step was skipped
+    (non-finite loss or gradient) is a DdpmError too: it learned nothing.
     """
     ctx = distributed.setup(cfg.train.device)
     try:
         with distributed.translate_errors(ctx):
-            return _train(cfg, ckpt, ctx, log if ctx.is_main else _quiet, progress and ctx.is_main)
+            trainer = _Trainer(cfg, ckpt, ctx, log if ctx.is_main else _quiet, progress and ctx.is_main)
+            return trainer.run()
     finally:
         ctx.close()
 
 
-def _train(cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, log: Callable,
-           progress: bool) -> dict[str, Any]:
-    t_cfg = cfg.train
-    device = ctx.device if ctx.enabled else resolve_device(t_cfg.device)
-    paths = RunPaths.of(cfg)
-    main = ctx.is_main
-    resume_key = None if ckpt is None else (ckpt.get("global_step"), ckpt.get("next_epoch"), ckpt.get("batch_in_epoch"))
-    ctx.check_same("run config", cfg.to_dict())
-    ctx.check_same(f"checkpoint {paths.ckpt} (global step, epoch, batch)", resume_key)
-    with ctx.local_main_first() if cfg.data.cache_dir else contextlib.nullcontext():  # one process builds the cache
-        data = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, log)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channels=data.channels))
-    if ckpt is not None and ckpt["config"]["data"]["channels"] not in (0, data.channels):
-        raise DdpmError(f"the data now has {data.channels} channels but the run was trained on "
-                        f"{ckpt['config']['data']['channels']}; use --fresh or another --run-name")
+class _Trainer:
+    """One run of the training loop: `__init__` sets it up, `run` trains."""
 
-    torch.manual_seed(t_cfg.seed)  # the same on every rank: one shared RNG stream
-    random.seed(t_cfg.seed)
-    np.random.seed(t_cfg.seed % 2**32)
-    model, diffusion = model_from_config(cfg, device)
-    model.train()
-    ema = EMA(model, t_cfg.ema_decay) if t_cfg.ema_decay > 0 and main else None  # identical weights: rank 0 suffices
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
-    warmup = t_cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    dc = cfg.diffusion
-    loss_fn = make_loss(diffusion, dc.loss_weighting, dc.min_snr_gamma, dc.vlb_weight, dc.p_mean, dc.p_std)
-    world, accum = ctx.world, t_cfg.grad_accum
-    global_batch = t_cfg.batch_size * world
-    n_batches = num_batches(len(data), t_cfg.batch_size, world)
+    def __init__(self, cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, log: Callable,
+                 progress: bool):
+        self.ctx, self.log, self.progress = ctx, log, progress
+        self.device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
+        self.paths = RunPaths.of(cfg)
+        ctx.check_same("run config", cfg.to_dict())
+        ctx.check_same(f"checkpoint {self.paths.ckpt} (global step, epoch, batch)", position_of(ckpt))
+        self.cfg, self.data = self._load_data(cfg)
+        check_channels(ckpt, self.data.channels)
+        self.global_batch = cfg.train.batch_size * ctx.world
+        self.n_batches = num_batches(len(self.data), cfg.train.batch_size, ctx.world)
+        self.state, self.diffusion = self._build()
+        dc = cfg.diffusion
+        self.loss_fn = make_loss(self.diffusion, dc.loss_weighting, dc.min_snr_gamma, dc.vlb_weight, dc.p_mean,
+                                 dc.p_std)
+        self.draw_gen = torch.Generator(device=self.device)  # reseeded per global batch (draw_seed)
+        self._restore(ckpt)
+        self.net = self._wrap_for_ddp()
+        self.params = list(self.state.model.parameters())
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.bf16
+                         else contextlib.nullcontext())
+        self.writer = self._writer()
+        self.metric = None  # the training-time FID, built at its first use
+        self.stopping = False
+        self.steps_tried = self.steps_taken = 0
+        self.last_ckpt_time = self.last_curves_time = time.monotonic()
 
-    epoch, batch0, step, skipped_total = 0, 0, 0, 0
-    if ckpt is not None:
-        load_state(model, ckpt["model_state_dict"], paths.ckpt)
-        if ema is not None and ckpt.get("ema_state_dict") is not None:
-            load_state(ema.model, ckpt["ema_state_dict"], paths.ckpt, "EMA")
-        elif ema is not None:
-            ema.model.load_state_dict(model.state_dict())
-        opt.load_state_dict(ckpt["optimizer_state_dict"])
-        sched.load_state_dict(ckpt["scheduler_state_dict"])
-        sched.base_lrs = [t_cfg.lr] * len(opt.param_groups)  # --lr and --weight-decay may change on resume
-        for group in opt.param_groups:
-            group["initial_lr"], group["weight_decay"] = t_cfg.lr, t_cfg.weight_decay
-            group["lr"] = t_cfg.lr * sched.lr_lambdas[0](sched.last_epoch)
-        set_rng_state(ckpt["rng_state"], device)
-        epoch, step = ckpt["next_epoch"], ckpt["global_step"]
-        batch0, converted = resume_batch(ckpt, len(data), t_cfg.batch_size, accum, world)
-        skipped_total = ckpt.get("nonfinite_skipped", 0)
-        log(f"resuming run '{t_cfg.run_name}' from {paths.ckpt}: epoch {epoch}, batch {batch0}, step {step}")
-        if converted:
-            log(f"note: {converted}")
-    else:
-        log(f"starting run '{t_cfg.run_name}': {len(data)} images of {cfg.data.image_size}x{cfg.data.image_size}"
-            f"x{data.channels} from {cfg.data.path}, model '{cfg.model.size}' "
-            f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on {device}")
-    if ctx.enabled:
-        log(f"distributed: {world} processes ({dist.get_backend()}), effective batch "
-            f"{t_cfg.batch_size} x {accum} x {world} = {global_batch * accum}")
+    # --- set-up ---
+
+    def _load_data(self, cfg: Config):
+        """The decoded images (one process builds a file cache first), and cfg with their channel count."""
+        with self.ctx.local_main_first() if cfg.data.cache_dir else contextlib.nullcontext():
+            data = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, self.log)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channels=data.channels)), data
+
+    def _build(self) -> tuple[TrainState, Any]:
+        """Model, EMA (rank 0 only: every rank holds the same weights), AdamW and the warm-up schedule."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        model, diffusion = model_from_config(self.cfg, self.device)
+        model.train()
+        ema = EMA(model, t.ema_decay) if t.ema_decay > 0 and self.ctx.is_main else None
+        flag = getattr(t, "grad_checkpoint", None)
+        if flag is not None and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(flag)
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        warmup = t.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return TrainState(model, ema, opt, sched), diffusion
+
+    def _restore(self, ckpt: dict[str, Any] | None) -> None:
+        t, data = self.cfg.train, self.data
+        if ckpt is None:
+            n_params = sum(p.numel() for p in self.state.model.parameters()) / 1e6
+            self.log(f"starting run '{t.run_name}': {len(data)} images of {self.cfg.data.image_size}x"
+                     f"{self.cfg.data.image_size}x{data.channels} from {self.cfg.data.path}, model "
+                     f"'{self.cfg.model.size}' ({n_params:.2f}M parameters) on {self.device}")
+            return
+        note = restore_training(self.state, ckpt, self.cfg, len(data), self.ctx.world, self.device, self.paths.ckpt)
+        s = self.state
+        self.log(f"resuming run '{t.run_name}' from {self.paths.ckpt}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
+        if note:
+            self.log(f"note: {note}")
+
+    def _wrap_for_ddp(self) -> torch.nn.Module:
+        """The model itself, or under torchrun a DistributedDataParallel around it."""
+        ctx, t, model = self.ctx, self.cfg.train, self.state.model
+        if not ctx.enabled:
+            return model
+        self.log(f"distributed: {ctx.world} processes ({dist.get_backend()}), effective batch "
+                 f"{t.batch_size} x {t.grad_accum} x {ctx.world} = {self.global_batch * t.grad_accum}")
         # Built after loading the checkpoint; DDP also broadcasts rank 0's weights here. Gradients
         # live in the all-reduce buckets (no second copy of them).
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      gradient_as_bucket_view=True)
-    else:
-        net = model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
-    if main:
+    def _writer(self):
+        if not self.ctx.is_main:
+            return _NoWriter()
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-        writer = SummaryWriter(str(paths.runs))
-    else:
-        writer = _NoWriter()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t_cfg.bf16 else contextlib.nullcontext())
-    params = list(model.parameters())
-    bad_in_row = 0
-    last_ckpt_time = time.monotonic()
-    status = "finished"
-    stopping = False
+        return SummaryWriter(str(self.paths.runs))
 
-    def save(next_epoch: int, batch_in_epoch: int) -> None:
-        if not main:
-            return
-        # A step can pass the gradient check and still overflow the weights (absurd lr / decay).
-        nets = [model] + ([ema.model] if ema is not None else [])
-        if not all(torch.isfinite(p).all() for net_ in nets for p in net_.parameters()):
-            raise DdpmError(f"the weights became non-finite at step {step} (learning rate or weight decay too "
-                            f"large?); not saving them, the last good checkpoint is {paths.ckpt}")
-        atomic_save({
-            "format_version": FORMAT_VERSION,
-            "ddpmkit_version": __version__,
-            "config": cfg.to_dict(),
-            "model_state_dict": model.state_dict(),
-            "ema_state_dict": ema.model.state_dict() if ema is not None else None,
-            "optimizer_state_dict": opt.state_dict(),
-            "scheduler_state_dict": sched.state_dict(),
-            "epoch": next_epoch - 1,  # the seed's key: last completed epoch (-1 before the first)
-            "next_epoch": next_epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "images_in_epoch": min(batch_in_epoch * global_batch, len(data)),
-            "world_size": world,
-            "global_step": step,
-            "nonfinite_skipped": skipped_total,
-            "rng_state": rng_state(device),
-        }, paths.ckpt)
+    # --- the loop ---
 
-    def grid(name: str) -> None:
-        if not main:  # the other ranks go on and wait for rank 0 at the next all-reduce
-            return
-        sample_model = ema.model if ema is not None else model
-        images = diffusion.sample(sample_model, t_cfg.sample_n, sampler=t_cfg.sample_sampler,
-                                  steps=min(t_cfg.sample_steps, cfg.diffusion.timesteps), seed=t_cfg.seed,
-                                  bf16=t_cfg.bf16, progress=False)
-        save_images(images, paths.results / f"{name}.jpg")
-        writer.add_image("samples", make_grid(images), step, dataformats="HWC")
+    def run(self) -> dict[str, Any]:
+        s, t, ctx = self.state, self.cfg.train, self.ctx
+        status, stopping = "finished", False
+        try:
+            with _StopFlag() as self.stop:
+                while s.epoch < t.epochs and not (stopping := ctx.any(self.stop.requested)):
+                    if not self._epoch():
+                        status = "stopped"
+                        break
+                else:
+                    if stopping and s.epoch < t.epochs:
+                        status = "stopped"
+        finally:
+            self.writer.close()
+        ctx.barrier()  # leave together, after rank 0's last checkpoint and grid
+        self._write_curves(force=True)
+        if self.steps_tried and not self.steps_taken:
+            raise DdpmError(f"all {self.steps_tried} optimizer steps of this run were skipped (non-finite loss or "
+                            f"gradient), so it learned nothing; lower --lr, enable gradient clipping or check the "
+                            f"data and the diffusion settings")
+        if status == "stopped":
+            self.log(f"stopped at epoch {s.epoch}, step {s.step}; checkpoint saved to {self.paths.ckpt}. "
+                     f"Run the same `ddpm train` command again to resume.")
+        return {"status": status, "epoch": s.epoch, "step": s.step, "ckpt": self.paths.ckpt,
+                "nonfinite_skipped": s.skipped}
 
-    metric = None
+    def _epoch(self) -> bool:
+        """Train from the current position to the end of the epoch; False when a stop ended it early."""
+        s, t, ctx = self.state, self.cfg.train, self.ctx
+        bar = tqdm(total=self.n_batches, initial=s.batch, desc=f"epoch {s.epoch}", unit="batch",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        self.window = _Window(torch.zeros((), device=self.device))
+        batches = epoch_batches(self.data, t.batch_size, t.seed, s.epoch, s.batch, self.cfg.data.hflip,
+                                rank=ctx.rank, world=ctx.world, device=self.device)
+        try:
+            for b, x in enumerate(batches, start=s.batch):
+                bar.update(1)
+                if not self._micro_batch(b, x):
+                    continue  # more micro-batches of this optimizer step to come
+                s.batch = b + 1
+                norm = self._optimizer_step()
+                if norm is None:
+                    continue
+                self.stopping = ctx.any(self.stop.requested)  # a signal on any rank stops all ranks at this step
+                if s.step % t.log_every == 0:
+                    self._log(norm, bar)
+                if t.eval_every_steps and s.step % t.eval_every_steps == 0:
+                    self._evaluate()
+                if s.batch < self.n_batches:
+                    self._mid_epoch_actions()
+                    if self.stopping:
+                        return False
+        finally:
+            bar.close()
+        s.epoch, s.batch = s.epoch + 1, 0
+        self._save()
+        if t.sample_every_epochs and s.epoch % t.sample_every_epochs == 0:
+            self._grid(str(s.epoch - 1))
+        if t.sample_every_steps and s.step % t.sample_every_steps == 0:
+            self._grid(f"step{s.step}")
+        return True
 
-    def evaluate_now() -> None:
-        """FID/KID of the EMA model against the training images, logged under eval/ (rank 0)."""
-        nonlocal metric
-        if not main:
-            return
-        if metric is None:
-            from .scoring import TrainingMetric
+    def _micro_batch(self, b: int, x: torch.Tensor) -> bool:
+        """Forward and backward of batch b; True when it is the last of its optimizer step's group."""
+        accum = self.cfg.train.grad_accum
+        group_start = b // accum * accum
+        group_n = min(accum, self.n_batches - group_start)
+        last_of_group = b + 1 == group_start + group_n
+        # Gradients of the group's earlier micro-batches stay local; the last one all-reduces them all.
+        no_sync = self.ctx.enabled and not last_of_group
+        with self.net.no_sync() if no_sync else contextlib.nullcontext():
+            loss, logged = self._loss(b, x)
+            (loss / group_n).backward()
+        self.window.loss_sum += logged
+        self.window.n += 1
+        self.window.images += x.shape[0]
+        return last_of_group
 
-            metric = TrainingMetric(data.images, t_cfg.eval_extractor, t_cfg.eval_n, t_cfg.eval_sampler,
-                                    min(t_cfg.eval_steps, cfg.diffusion.timesteps), t_cfg.seed, device=device)
-        values = metric(ema.model if ema is not None else model, diffusion, t_cfg.bf16)
-        for key, value in values.items():
-            writer.add_scalar(f"eval/{key}", value, step)
-        log(f"step {step}: FID {values['fid']:.3f} ({metric.extractor.name}), KID {values['kid']:.5f}")
+    def _loss(self, b: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss of this process's rows to backpropagate, its detached value for the log).
 
-    def micro_loss(b: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss to backpropagate before the 1/group_n scaling, its detached value for the log)."""
-        if not ctx.enabled:
-            with autocast:
-                loss = loss_fn(net, x).mean()
-            return loss, loss.detach()
-        g = min(global_batch, len(data) - b * global_batch)  # the last global batch may be smaller
-        with autocast, distributed.SharedBatchNoise(ctx.rank, world, g, x.shape[0]):
-            per_sample = loss_fn(net, x)
+        The loss's random inputs are drawn for the whole global batch b (the same on every rank)
+        and this rank keeps rows rank::world, the rows of x.
+        """
+        ctx, seed, epoch = self.ctx, self.cfg.train.seed, self.state.epoch
+        g = min(self.global_batch, len(self.data) - b * self.global_batch)  # the last global batch may be smaller
+        self.draw_gen.manual_seed(draw_seed(seed, _LOSS_DRAWS, epoch, b))
+        draws = take_rows(self.loss_fn.draw(g, x, self.draw_gen), slice(ctx.rank, None, ctx.world))
+        _seed_dropout(self.device, draw_seed(seed, _DROPOUT, epoch, b, ctx.rank))
+        with self.autocast:
+            per_sample = self.loss_fn(self.net, x, draws)
         # DDP averages gradients over the ranks, so sum * world / g gives the gradient of the
         # global batch's mean loss even when ranks hold unequal shares (or none) of it.
         local = per_sample.sum() / g
-        return local * world, local.detach()
+        return local * ctx.world, local.detach()
 
-    with _StopFlag() as stop:
-        while epoch < t_cfg.epochs and not (stopping := ctx.any(stop.requested)):
-            bar = tqdm(total=n_batches, initial=batch0, desc=f"epoch {epoch}", unit="batch", disable=not progress,
-                       leave=False, dynamic_ncols=True)
-            loss_sum, n_loss, imgs, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
-            b = batch0
-            for b, x in enumerate(epoch_batches(data, t_cfg.batch_size, t_cfg.seed, epoch, batch0, cfg.data.hflip,
-                                                rank=ctx.rank, world=world, device=device), start=batch0):
-                group_start = b // accum * accum
-                group_n = min(accum, n_batches - group_start)
-                last_of_group = b + 1 == group_start + group_n
-                # Gradients of the group's earlier micro-batches stay local; the last one all-reduces them all.
-                with net.no_sync() if ctx.enabled and not last_of_group else contextlib.nullcontext():
-                    loss, logged = micro_loss(b, x)
-                    (loss / group_n).backward()
-                loss_sum += logged
-                n_loss += 1
-                imgs += x.shape[0]
-                bar.update(1)
-                if not last_of_group:
-                    continue
-                # Optimizer step; a non-finite gradient skips it (and is counted). After the
-                # all-reduce every rank holds the same gradients, so all ranks decide alike.
-                norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip if t_cfg.grad_clip > 0 else math.inf)
-                if not torch.isfinite(norm):
-                    opt.zero_grad(set_to_none=True)
-                    bad_in_row += 1
-                    skipped_total += 1
-                    log(f"warning: non-finite loss or gradient at step {step}; step skipped "
-                        f"({bad_in_row} in a row, {skipped_total} in all)")
-                    if bad_in_row >= t_cfg.max_nonfinite_steps:
-                        writer.close()
-                        raise DdpmError(f"{bad_in_row} non-finite steps in a row: training diverged; lower --lr, "
-                                        f"enable gradient clipping or check the data (last good checkpoint: {paths.ckpt})")
-                    continue
-                bad_in_row = 0
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if ema is not None:
-                    ema.update(model, step)
-                stopping = ctx.any(stop.requested)  # a signal on any rank stops all ranks at this step
-                if step % t_cfg.log_every == 0:
-                    if ctx.enabled:  # global figures: sums of every rank's share
-                        totals = ctx.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(imgs))]))
-                        loss_sum, imgs = totals[0], int(totals[1].item())
-                    dt = time.perf_counter() - t0
-                    mean_loss = loss_sum.item() / n_loss  # the only host sync, once per log_every steps
-                    writer.add_scalar("loss", mean_loss, step)
-                    writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
-                    writer.add_scalar("grad_norm", float(norm), step)
-                    writer.add_scalar("img_per_sec", imgs / dt, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{imgs / dt:.0f}", step=step)
-                    loss_sum = torch.zeros((), device=device)
-                    n_loss, imgs, t0 = 0, 0, time.perf_counter()
-                if t_cfg.eval_every_steps and step % t_cfg.eval_every_steps == 0:
-                    evaluate_now()
-                done_epoch = b + 1 == n_batches
-                if not done_epoch:
-                    timed = t_cfg.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t_cfg.ckpt_every_minutes
-                    if stopping or timed or (t_cfg.ckpt_every_steps and step % t_cfg.ckpt_every_steps == 0):
-                        save(epoch, b + 1)
-                        last_ckpt_time = time.monotonic()
-                    if t_cfg.sample_every_steps and step % t_cfg.sample_every_steps == 0:
-                        grid(f"step{step}")
-                    if stopping:
-                        break
-            bar.close()
-            if stopping and b + 1 < n_batches:
-                status = "stopped"
-                break
-            epoch += 1
-            batch0 = 0
-            save(epoch, 0)
-            last_ckpt_time = time.monotonic()
-            if t_cfg.sample_every_epochs and epoch % t_cfg.sample_every_epochs == 0:
-                grid(str(epoch - 1))
-            if t_cfg.sample_every_steps and step % t_cfg.sample_every_steps == 0:
-                grid(f"step{step}")
-        else:
-            if stopping and epoch < t_cfg.epochs:
-                status = "stopped"
-    writer.close()
-    ctx.barrier()  # leave together, after rank 0's last checkpoint and grid
-    if status == "stopped":
-        log(f"stopped at epoch {epoch}, step {step}; checkpoint saved to {paths.ckpt}. "
-            f"Run the same `ddpm train` command again to resume.")
-    return {"status": status, "epoch": epoch, "step": step, "ckpt": paths.ckpt, "nonfinite_skipped": skipped_total}
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Clip and apply the accumulated gradient; its norm, or None when it was not finite (skipped).
+
+        After the all-reduce every rank holds the same gradients, so all ranks decide alike.
+        """
+        s, t = self.state, self.cfg.train
+        self.steps_tried += 1
+        norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            s.opt.zero_grad(set_to_none=True)
+            s.bad_in_row += 1
+            s.skipped += 1
+            self.log(f"warning: non-finite loss or gradient at step {s.step}; step skipped "
+                     f"({s.bad_in_row} in a row, {s.skipped} in all)")
+            if s.bad_in_row >= t.max_nonfinite_steps:
+                raise DdpmError(f"{s.bad_in_row} non-finite steps in a row: training diverged; lower --lr, "
+                                f"enable gradient clipping or check the data (last good checkpoint: {self.paths.ckpt})")
+            return None
+        s.bad_in_row = 0
+        s.opt.step()
+        s.sched.step()
+        s.opt.zero_grad(set_to_none=True)
+        s.step += 1
+        self.steps_taken += 1
+        if s.ema is not None:
+            s.ema.update(s.model, s.step)
+        return norm
+
+    # --- logging and periodic actions ---
+
+    def _log(self, norm: torch.Tensor, bar) -> None:
+        """Mean loss, learning rate and speed since the last log line, to TensorBoard and the history."""
+        s, w = self.state, self.window
+        loss_sum, images = w.loss_sum, w.images
+        if self.ctx.enabled:  # global figures: sums of every rank's share
+            totals = self.ctx.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(images))]))
+            loss_sum, images = totals[0], int(totals[1].item())
+        dt = time.perf_counter() - w.t0
+        mean_loss = loss_sum.item() / w.n  # the only host sync, once per log_every steps
+        for key, value in (("loss", mean_loss), ("lr", s.opt.param_groups[0]["lr"]), ("img_per_sec", images / dt)):
+            self.writer.add_scalar(key, value, s.step)
+            s.record(key, value)
+        self.writer.add_scalar("grad_norm", float(norm), s.step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images / dt:.0f}", step=s.step)
+        self.window = _Window(torch.zeros((), device=self.device))
+
+    def _mid_epoch_actions(self) -> None:
+        """Checkpoint (every N steps, every M minutes, or when stopping) and sample grid inside an epoch."""
+        s, t = self.state, self.cfg.train
+        timed = t.ckpt_every_minutes and time.monotonic() - self.last_ckpt_time >= 60 * t.ckpt_every_minutes
+        if self.stopping or timed or (t.ckpt_every_steps and s.step % t.ckpt_every_steps == 0):
+            self._save()
+        if t.sample_every_steps and s.step % t.sample_every_steps == 0:
+            self._grid(f"step{s.step}")
+
+    def _save(self) -> None:
+        if self.ctx.is_main:
+            save_training(self.paths.ckpt, self.state, self.cfg, self.ctx.world, len(self.data), self.device)
+            self._write_curves()
+        self.last_ckpt_time = time.monotonic()
+
+    def _write_curves(self, force: bool = False) -> None:
+        """Redraw results/RUN/curves.png (rank 0; at most every CURVES_EVERY_S unless forced); never fatal."""
+        due = force or time.monotonic() - self.last_curves_time >= CURVES_EVERY_S
+        if not (DRAW_CURVES and self.ctx.is_main and due):
+            return
+        self.last_curves_time = time.monotonic()
+        path = self.paths.results / "curves.png"
+        try:
+            from .curves import write_curves
+
+            write_curves(self.state.history, path)
+        except Exception as exc:  # a plot must never end a training run
+            self.log(f"warning: could not draw {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+
+    def _sampling_model(self) -> torch.nn.Module:
+        return self.state.ema.model if self.state.ema is not None else self.state.model
+
+    def _grid(self, name: str) -> None:
+        if not self.ctx.is_main:  # the other ranks go on and wait for rank 0 at the next all-reduce
+            return
+        t = self.cfg.train
+        images = self.diffusion.sample(self._sampling_model(), t.sample_n, sampler=t.sample_sampler,
+                                       steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
+                                       bf16=t.bf16, progress=False)
+        save_images(images, self.paths.results / f"{name}.jpg")
+        self.writer.add_image("samples", make_grid(images), self.state.step, dataformats="HWC")
+
+    def _evaluate(self) -> None:
+        """FID/KID of the EMA model against the training images, logged under eval/ (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        t, step = self.cfg.train, self.state.step
+        if self.metric is None:
+            from .scoring import TrainingMetric
+
+            self.metric = TrainingMetric(self.data.images, t.eval_extractor, t.eval_n, t.eval_sampler,
+                                         min(t.eval_steps, self.cfg.diffusion.timesteps), t.seed, device=self.device)
+        values = self.metric(self._sampling_model(), self.diffusion, t.bf16)
+        for key, value in values.items():
+            self.writer.add_scalar(f"eval/{key}", value, step)
+        self.state.record("fid", values["fid"])
+        self.log(f"step {step}: FID {values['fid']:.3f} ({self.metric.extractor.name}), KID {values['kid']:.5f}")

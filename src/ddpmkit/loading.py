@@ -1,0 +1,29 @@
+"""`load_model`: a trained network from a checkpoint or an exported folder, ready to sample.
+
+It lives apart from checkpoint.py and export.py, which it both uses, so that neither of them
+imports the other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import config_of, load_checkpoint, load_state, model_from_config
+from .export import load_exported
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """Rebuild (model, diffusion, config) from a checkpoint alone (the EMA weights by default),
+    or from a folder written by `ddpm export`.
+
+    The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it.
+    """
+    if Path(path).is_dir():
+        return load_exported(path, device)
+    ckpt = load_checkpoint(path)
+    cfg = config_of(ckpt, path)
+    model, diffusion = model_from_config(cfg, device)
+    key = "ema_state_dict" if ema and ckpt.get("ema_state_dict") is not None else "model_state_dict"
+    load_state(model, ckpt[key], path, "EMA" if key.startswith("ema") else "model")
+    return model.eval(), diffusion, cfg
