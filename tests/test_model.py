@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -42,3 +44,13 @@ def test_indivisible_size_is_rejected():
     model = UNet(c_in=3, c_out=3, base_channels=8, channel_mults=(1, 2, 2), attn_levels=(), time_dim=16)
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.randn(1, 3, 10, 10), torch.tensor([0]))
+
+
+def test_seed_unet_state_dict_keys_are_unchanged():
+    """Checkpoints of the seed's network must keep loading: its parameter names and shapes are
+    pinned (the digest of the version before the ADM backbone and grad checkpointing)."""
+    model = UNet()
+    model.set_grad_checkpointing(True)
+    layout = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    assert hashlib.sha256(layout.encode()).hexdigest() == \
+        "385c4a8926e74e109ec8e009ca5062656c3018dde79419bf7b7113eadbd1e8d5"
