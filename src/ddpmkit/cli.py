@@ -44,6 +44,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--sample-every-steps", "train", "sample_every_steps", int, "steps between sample grids (0 = off)"),
     ("--sample-sampler", "train", "sample_sampler", str, "sampler used for the grids"),
     ("--sample-steps", "train", "sample_steps", int, "sampler steps used for the grids"),
+    ("--native-grids", "train", "native_grids", bool, "keep sample grids at the images' own size (true/false)"),
     ("--ckpt-every-steps", "train", "ckpt_every_steps", int, "extra checkpoint every N steps (0 = off)"),
     ("--ckpt-every-minutes", "train", "ckpt_every_minutes", float, "extra checkpoint every M minutes (0 = off)"),
     ("--log-every", "train", "log_every", int, "steps between TensorBoard scalars"),
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", metavar="FILE", help="grid image to write (.png/.jpg); default samples.png "
                     "unless --out-dir is given")
     sa.add_argument("--out-dir", metavar="DIR", help="also write each image as DIR/000000.png, ...")
+    sa.add_argument("--native-size", action="store_true", help="keep the grid at the images' own size "
+                    "(by default small grids are enlarged, nearest-neighbour, to at least 256 px across)")
+    sa.add_argument("--trajectory", metavar="FILE", help="also write the first 4 samples through the reverse "
+                    "process, x_t and predicted x0 at about 10 steps: a strip (.png) or an animation (.gif)")
     sa.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="sampler (default: ddpm)")
     sa.add_argument("--steps", type=_positive_int, default=None,
                     help="sampler steps = model evaluations (Heun: 2*steps-1) (default: all T for ddpm/ddim, else 50)")
@@ -235,11 +240,14 @@ def _load_for_sampling(path: str, device_name: str, ema: bool = True):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .distributed import generate_distributed
-    from .images import save_each, save_images, to_uint8
+    from .images import READABLE_WIDTH, save_each, save_images, to_uint8
+    from .trajectory import check_trajectory_path
 
     out = Path(args.out or "samples.png") if args.out or not args.out_dir else None
     if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
+    if args.trajectory:
+        check_trajectory_path(args.trajectory)
     options = {}
     if args.eta is not None:
         if args.sampler not in ("ddim", "dpm++2m-sde"):
@@ -258,14 +266,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     images = to_uint8(images)
     written = []
+    if args.trajectory:
+        written.append(_write_trajectory(args, model, diffusion, options))
     if args.out_dir:
         save_each(images, args.out_dir)
         written.append(f"{args.n} images in {args.out_dir}")
     if out is not None:
-        save_images(images, out)
+        save_images(images, out, min_width=0 if args.native_size else READABLE_WIDTH)
         written.append(f"grid {out}")
     print("wrote " + " and ".join(written))
     return 0
+
+
+def _write_trajectory(args: argparse.Namespace, model, diffusion, options: dict) -> str:
+    """The first min(4, n) samples of this seed through the reverse process, as --trajectory."""
+    from .images import READABLE_WIDTH
+    from .trajectory import record_trajectory, write_trajectory
+
+    traj = record_trajectory(diffusion, model, n=min(4, args.n), sampler=args.sampler, steps=args.steps,
+                             seed=args.seed, spacing=args.spacing, bf16=args.bf16, **options)
+    path = write_trajectory(traj, args.trajectory, min_width=0 if args.native_size else READABLE_WIDTH)
+    return f"trajectory {path}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -118,6 +118,7 @@ class TrainConfig:
     sample_n: int = 16                       # images in each sample grid
     sample_sampler: str = "ddpm"             # sampler for the grids
     sample_steps: int = 100                  # sampler steps for the grids (fewer keeps grids cheap)
+    native_grids: bool = False               # keep sample grids at the images' size (default: enlarged to >= 256 px)
     ckpt_every_steps: int = 0                # extra checkpoints every N optimizer steps; 0 = off
     ckpt_every_minutes: float = 0.0          # extra checkpoints every M minutes; 0 = off (epoch ends always save)
     max_nonfinite_steps: int = 20            # stop after this many non-finite losses/gradients in a row
