@@ -69,7 +69,8 @@ def spaced_timesteps(timesteps: int, steps: int, spacing: str = "trailing") -> t
     """`steps` distinct indices in 0..T-1, descending from the noisiest.
 
     uniform: the "leading" spacing of DDIM (Song et al. 2021, App. C.2), starting at 0;
-    trailing: ends at T-1 as recommended by Lin et al. (2024) Table 2;
+    trailing: ends at T-1 as recommended by Lin et al. (2024) Table 2, t_k = round(k T / steps) - 1
+    for k = 1..steps, computed in integers (ties round up); since T / steps >= 1 the values are distinct;
     quadratic: denser near t=0 (Song et al. 2021, App. D.3).
     """
     if not 1 <= steps <= timesteps:
@@ -77,7 +78,9 @@ def spaced_timesteps(timesteps: int, steps: int, spacing: str = "trailing") -> t
     if spacing == "uniform":
         t = torch.arange(steps, dtype=torch.float64) * (timesteps // steps)
     elif spacing == "trailing":
-        t = torch.round(torch.arange(timesteps, 0, -timesteps / steps, dtype=torch.float64)) - 1
+        # A float arange over (T, 0] with step T/steps can yield steps + 1 points; integers cannot.
+        k = torch.arange(1, steps + 1, dtype=torch.long)
+        t = (2 * timesteps * k + steps) // (2 * steps) - 1
     elif spacing == "quadratic":
         t = torch.linspace(0, math.sqrt(timesteps * 0.8), steps, dtype=torch.float64) ** 2
     else:
