@@ -16,7 +16,8 @@ _DEFAULTS = Config()
 
 # flag -> (section, key, type, help); defaults shown come from the config dataclasses.
 TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
-    ("--data", "data", "path", str, "image folder (read recursively) or builtin:digits | builtin:shapes"),
+    ("--data", "data", "path", str, "image folder (read recursively), .npy/.npz array, MNIST-style IDX "
+     "images file (or a folder holding one), or builtin:digits | builtin:shapes"),
     ("--run-name", "train", "run_name", str, "names models/RUN, results/RUN and runs/RUN"),
     ("--workdir", "train", "workdir", str, "folder that holds models/, results/ and runs/"),
     ("--epochs", "train", "epochs", int, "total epochs; a larger value continues a finished run"),
