@@ -81,7 +81,7 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
             dims = tuple(int(d) for d in np.frombuffer(raw_dims, ">u4"))
             count = int(np.prod(dims, dtype=np.int64))
             check_size(count, f"{path.name} ({'x'.join(map(str, dims))} bytes)")
-            body = f.read(count)
+            body = _read_at_most(f, count)
             extra = f.read(1)
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DdpmError(f"cannot read {path.name}: {' '.join(str(exc).split())}") from None
@@ -90,6 +90,19 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
                         f"= {count} bytes expected, {len(body) + len(extra)}{'+' if extra else ''} found); "
                         "the file is truncated or damaged")
     return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def _read_at_most(f, count: int, chunk: int = 16 << 20) -> bytes:
+    """Up to `count` bytes, read in chunks: memory follows the bytes that exist, not what a
+    (possibly lying) header claims."""
+    parts, left = [], count
+    while left > 0:
+        part = f.read(min(chunk, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _find_idx_images(folder: Path) -> Path:
