@@ -19,8 +19,8 @@ to finish. Kill moments are drawn from a seeded RNG and cycle through four kinds
 After every kill `ddpmkit.checkpoint.load_checkpoint` must read models/RUN/ckpt.pt, its
 global_step must never go backwards and must match (next_epoch, batch_in_epoch). Every restart
 must resume from exactly the step that checkpoint holds. At the end both runs' checkpoints must
-be bit-identical: model, EMA, optimizer and scheduler state, step counters and the torch RNG
-state. (Differences in the stored config other than workdir -- e.g. a field added to ddpmkit
+be bit-identical: model, EMA, optimizer and scheduler state, step counters, the torch RNG
+state and the steps of the logged curves. (Differences in the stored config other than workdir -- e.g. a field added to ddpmkit
 while the soak ran -- and in numpy's/Python's unseeded RNG states are reported, not required.) Every process gets the same environment, with one thread
 (OMP_NUM_THREADS=1), so float summation order cannot differ between the runs.
 
@@ -136,6 +136,10 @@ def compare_runs(straight: Path, crashed: Path) -> dict[str, list[str]]:
     a, b = load_checkpoint(straight), load_checkpoint(crashed)
     for ckpt in (a, b):
         ckpt["config"]["train"].pop("workdir")  # the intended difference
+        # The logged curves must hold the same steps. Their values cannot agree: the speed is a
+        # timing, and a logged loss averages the batches since the last log line or (re)start.
+        for key, points in ckpt.get("history", {}).items():
+            ckpt["history"][key] = [step for step, _ in points]
     diffs = diff_states(a, b)
     return {"state": [d for d in diffs if not d.startswith(UNSEEDED + ("/config/",))],
             "config": [d for d in diffs if d.startswith("/config/")],
