@@ -145,6 +145,7 @@ def test_objectives_train_and_sample_from_checkpoint(image_folder, tmp_path, dif
     ov = overrides(image_folder, tmp_path, epochs=1)
     ov["diffusion"] = dict(ov["diffusion"], **diffusion)
     summary = run(ov)
+    assert summary["nonfinite_skipped"] == 0  # every step learned (a NaN loss would be skipped, not fail)
     model, diff, cfg = load_model(summary["ckpt"])
     for key, value in diffusion.items():
         assert getattr(cfg.diffusion, key) == value
@@ -191,3 +192,35 @@ def test_failing_curves_never_stop_training(image_folder, tmp_path, monkeypatch)
     assert train(cfg, ckpt, progress=False, log=logs.append)["status"] == "finished"
     warnings = [m for m in logs if "curves.png" in m]
     assert warnings == [f"warning: could not draw {tmp_path / 'results' / 'r' / 'curves.png'}: RuntimeError: no fonts at all"]
+
+
+def test_loss_takes_explicit_draws_and_a_rank_gets_its_rows_of_the_global_draw():
+    # What the trainer does under DDP: draw for the global batch, give rank r rows r::world.
+    from ddpmkit import Diffusion
+    from ddpmkit.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, 3, time_dim=16, base_channels=8, channel_mults=(1, 2), attn_levels=(1,)).eval()
+    x0 = torch.rand(5, 3, 8, 8) * 2 - 1
+    for objective in ("vp", "edm"):
+        diffusion = Diffusion(noise_steps=50, img_size=8, objective=objective)
+        loss_fn = losses.make_loss(diffusion)
+        draws = loss_fn.draw(5, x0, torch.Generator().manual_seed(1))
+        assert {k: v.shape[0] for k, v in draws.items()} == {k: 5 for k in draws}
+        whole = loss_fn(net, x0, draws)
+        rank1 = loss_fn(net, x0[1::2], losses.take_rows(draws, slice(1, None, 2)))
+        torch.testing.assert_close(rank1, whole[1::2])
+        again = loss_fn.draw(5, x0, torch.Generator().manual_seed(1))
+        assert all(torch.equal(draws[k], again[k]) for k in draws)  # the generator alone fixes the draws
+        other = loss_fn(net, x0, loss_fn.draw(5, x0, torch.Generator().manual_seed(2)))
+        assert not torch.allclose(other, whole)  # ... and the loss uses them
+
+
+def test_trainer_applies_grad_checkpointing_from_the_config(image_folder, tmp_path, monkeypatch):
+    from ddpmkit.models import UNet
+
+    flags = []
+    real = UNet.set_grad_checkpointing
+    monkeypatch.setattr(UNet, "set_grad_checkpointing", lambda self, flag=True: (flags.append(flag), real(self, flag)))
+    run(overrides(image_folder, tmp_path, epochs=1, grad_checkpoint=True))
+    assert flags == [True]
