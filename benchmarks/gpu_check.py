@@ -187,6 +187,13 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if s["device"] == "cuda" else "cpu"
     flops = count_flops(s)
     rows = []
+
+    def publish():  # after each stage, so a run cut short by the time limit still reports
+        print(report(rows, flops, s, device_name), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": device_name, "settings": s, "flops_per_image": flops,
+                                                   "rows": rows}, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "random.npy"  # exactly one epoch of s['steps'] batches
         rng = np.random.default_rng(0)
@@ -196,18 +203,16 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
         ckpt = str(rows[-1].pop("ckpt"))
         rows[0].pop("ckpt")
-        if not (args.no_compile or cpu):  # compiling on a small CPU takes minutes (see bench_train.py)
-            for compiled in (False, True):
-                rows.append(harness_run(s, compiled))
-                print(rows[-1], flush=True)
         for bf16 in (False, True):
             rows.append(sampling_run(s, ckpt, bf16))
             print(rows[-1], flush=True)
-    text = report(rows, flops, s, device_name)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name, "settings": s, "flops_per_image": flops,
-                                               "rows": rows}, indent=1))
+    publish()
+    if not args.no_compile:
+        # the compiled row needs a GPU's time budget: compiling on a small CPU takes minutes (bench_train.py)
+        for compiled in (False,) if cpu else (False, True):
+            rows.append(harness_run(s, compiled))
+            print(rows[-1], flush=True)
+        publish()
     return 0
 
 
