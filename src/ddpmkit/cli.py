@@ -1,4 +1,4 @@
-"""The `ddpm` command: train, sample, eval, export.
+"""The `ddpm` command: train, sample, edit, eval, export.
 
 Every failure the user can fix ends in one line `ddpm: error: ...` and exit status 2.
 """
@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from .config import PRESETS, Config, load_file
 from .errors import DdpmError
+from .guidance import commands as guidance_commands
 
 _DEFAULTS = Config()
 
@@ -52,6 +53,9 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--eval-every-steps", "train", "eval_every_steps", int, "log FID/KID vs the training data every N steps (0 = off)"),
     ("--eval-n", "train", "eval_n", int, "samples per training-time evaluation"),
     ("--eval-extractor", "train", "eval_extractor", str, "randconv | inception | auto, for training-time evaluation"),
+    ("--class-cond", "train", "class_cond", bool, "class-conditional training on the data's labels (class folders "
+     "DATA/CLASS/*.jpg, IDX/.npz labels, builtin:digits); bare --class-cond means true"),
+    ("--cond-drop", "train", "cond_drop", float, "probability of the null class, for classifier-free guidance"),
 ]
 
 TRAIN_EXAMPLES = """examples:
@@ -125,11 +129,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .samplers import SAMPLERS, SPACINGS
+    from .samplers import SAMPLERS, SPACINGS, describe_defaults
 
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,export}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,edit,eval,export}",
                                 parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -140,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, section, key, typ, text in TRAIN_FLAGS:
         kind = "true/false" if typ is bool else typ.__name__
         tr.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
-                        else "BOOL", help=f"{text} (default: {_default(section, key)})")
+                        else "BOOL", help=f"{text} (default: {_default(section, key)})",
+                        **({"nargs": "?", "const": "true"} if flag == "--class-cond" else {}))
     tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
     tr.add_argument("--fresh", action="store_true", help="start over even if the run has a checkpoint "
@@ -164,14 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "process, x_t and predicted x0 at about 10 steps: a strip (.png) or an animation (.gif)")
     sa.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="sampler (default: ddpm)")
     sa.add_argument("--steps", type=_positive_int, default=None,
-                    help="sampler steps = model evaluations (Heun: 2*steps-1) (default: all T for ddpm/ddim, else 50)")
+                    help="sampler steps = model evaluations (Heun: 2*steps-1); default per sampler: "
+                    f"{describe_defaults()} (never more than the model's T)")
     sa.add_argument("--spacing", choices=SPACINGS, default=None, help="noise-level spacing (default: per sampler)")
     sa.add_argument("--eta", type=float, default=None, help="DDIM / DPM++ SDE noise factor in [0, 1]")
+    sa.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+                    help="clamp the sampler's x0 estimates to [-1, 1]; inside ODE solvers (ddim, dpm++, euler, "
+                    "heun) this changes the ODE they solve. auto: the checkpoint's diffusion.clip_denoised "
+                    "(default: auto)")
     sa.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
     sa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     sa.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    guidance_commands.add_sample_args(sa)
+    guidance_commands.add_edit_parser(sub)
 
     ev = sub.add_parser("eval", help="FID, KID, precision/recall of a checkpoint or of samples",
                         epilog=EVAL_EXAMPLES, formatter_class=fmt,
@@ -255,12 +267,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise DdpmError(f"--eta applies to ddim and dpm++2m-sde, not {args.sampler}")
         options["eta"] = args.eta
     ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt or args.model, args.device, ema=not args.no_ema)
+    if guidance_commands.wants_conditional(args, cfg.model):  # --class / --inpaint / a conditional model
+        ctx.close()
+        return guidance_commands.sample(args, model, diffusion, cfg, options, out)
     try:
         # Under torchrun the batches are split over the processes and gathered on process 0.
         images = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
                                       dst=0 if ctx.enabled else None, sampler=args.sampler, steps=args.steps,
                                       spacing=args.spacing, bf16=args.bf16, progress=not args.no_progress,
-                                      **options)
+                                      clip={"auto": None, "on": True, "off": False}[args.clip], **options)
     finally:
         ctx.close()
     if images is None:  # not process 0
@@ -285,7 +300,8 @@ def _write_trajectory(args: argparse.Namespace, model, diffusion, options: dict)
     from .trajectory import record_trajectory, write_trajectory
 
     traj = record_trajectory(diffusion, model, n=min(4, args.n), sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, spacing=args.spacing, bf16=args.bf16, **options)
+                             seed=args.seed, spacing=args.spacing, bf16=args.bf16,
+                             clip={"auto": None, "on": True, "off": False}[args.clip], **options)
     path = write_trajectory(traj, args.trajectory, min_width=0 if args.native_size else READABLE_WIDTH)
     return f"trajectory {path}"
 
@@ -352,7 +368,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
+def cmd_edit(args: argparse.Namespace) -> int:
+    def load(path: str, device: str, ema: bool):
+        ctx, model, diffusion, cfg = _load_for_sampling(path, device, ema)
+        ctx.close()
+        return model, diffusion, cfg
+
+    return guidance_commands.edit(args, load)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,8 @@ class ModelConfig:
     time_dim: int = 256                      # sinusoidal time-embedding width (adm: also its MLP's width)
     dropout: float = 0.0                     # dropout inside the conv blocks
     num_res_blocks: int = 2                  # adm: residual blocks per level (the decoder has one more); unet: unused
+    num_classes: int = 0                     # > 0: class-conditional (set by train.class_cond from the data's classes)
+    class_names: tuple[str, ...] = ()        # the name of each class, in label order (stored in checkpoints)
 
 
 # Network architectures `build_model` knows (models/registry.py dispatches on these names).
@@ -65,7 +67,6 @@ def preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
-
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000                    # T, number of discrete diffusion steps
@@ -77,7 +78,8 @@ class DiffusionConfig:
     loss_weighting: str = "none"             # none | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0               # gamma of min-SNR weighting
     variance: str = "beta"                   # ancestral-sampler variance: beta (sigma^2=beta_t) | posterior (beta-tilde)
-    clip_denoised: bool = True               # clip predicted x0 to [-1, 1] while sampling
+    clip_denoised: bool = True               # sampling: clamp every x0 estimate to [-1, 1], inside ODE solvers too
+                                             # (changes their ODE; see samplers.py); `ddpm sample --clip` overrides
     learn_sigma: bool = False                # learn the reverse variance: hybrid loss of Nichol & Dhariwal (2021)
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda * L_vlb
     objective: str = "vp"                    # vp: discrete DDPM timesteps | edm: Karras et al. (2022) training
@@ -127,6 +129,8 @@ class TrainConfig:
     eval_extractor: str = "randconv"         # randconv (fast, weight-free) | inception | auto
     eval_sampler: str = "dpm++2m"            # sampler for training-time evaluation
     eval_steps: int = 20                     # its steps
+    class_cond: bool = False                 # class-conditional training on the data's labels (class folders, IDX, .npz)
+    cond_drop: float = 0.1                   # probability of the null class per image (classifier-free guidance)
     grad_checkpoint: bool = False            # recompute residual/attention blocks in backward: less activation memory, slower steps
 
 
@@ -295,6 +299,10 @@ def validate(cfg: Config) -> Config:
     _check(m.size in PRESETS or m.size == "custom", f"model.size '{m.size}' is not one of {sorted(PRESETS)}")
     _check(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
     _check(m.num_res_blocks >= 1, f"model.num_res_blocks must be >= 1, got {m.num_res_blocks}")
+    _check(m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}")
+    _check(not m.class_names or len(m.class_names) == m.num_classes,
+           f"model.class_names has {len(m.class_names)} names for num_classes={m.num_classes}")
+    _check(0.0 <= t.cond_drop < 1.0, f"train.cond_drop must be in [0, 1), got {t.cond_drop}")
 
     _check(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
     _check(d.schedule in ("linear", "cosine", "sigmoid"),
@@ -317,6 +325,9 @@ def validate(cfg: Config) -> Config:
            f"diffusion.sigma_min ({d.sigma_min}) must be > 0 and below sigma_max ({d.sigma_max})")
     _check(not (d.zero_terminal_snr and d.prediction == "eps"),
            "diffusion.zero_terminal_snr needs prediction v or x0 (eps is undefined at SNR 0)")
+    _check(not (d.zero_terminal_snr and d.learn_sigma),
+           "diffusion.learn_sigma cannot be combined with zero_terminal_snr (the variational bound's x0 "
+           "estimate is 0/0 at SNR 0); turn one of them off")
 
     _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")

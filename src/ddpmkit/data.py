@@ -160,7 +160,8 @@ def _fingerprint(paths: list[Path], size: int, channels: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple[np.ndarray, int]:
+def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple[np.ndarray, int, list[int]]:
+    """(the decodable images, how many were skipped, the indices into `paths` of those kept)."""
     def one(path: Path):
         try:
             return load_image(path, size, channels), None
@@ -178,16 +179,17 @@ def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(one, paths))
-    good, skipped = [], 0
-    for path, (arr, err) in zip(paths, results):
+    good, skipped, kept = [], 0, []
+    for k, (path, (arr, err)) in enumerate(zip(paths, results)):
         if arr is None:
             skipped += 1
             log(f"warning: skipping {show_path(path)}: {show_path(err)}")
         else:
             good.append(arr)
+            kept.append(k)
     if not good:
-        return np.zeros((0, size, size, channels), np.uint8), skipped
-    return np.stack(good), skipped
+        return np.zeros((0, size, size, channels), np.uint8), skipped, kept
+    return np.stack(good), skipped, kept
 
 
 def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str | Path | None = None,
@@ -218,11 +220,13 @@ def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str |
             try:
                 images = np.load(cache_file, mmap_mode="r")
                 if images.ndim == 4 and images.shape[1:] == (size, size, channels):
-                    return ImageData(images, str(root))
+                    # Labels line up with the cache only when no file was skipped when it was built.
+                    kept = list(range(len(paths))) if len(images) == len(paths) else None
+                    return ImageData(images, str(root), 0, *folder_labels(root, paths, kept))
             except (OSError, ValueError):
                 pass
             log(f"warning: ignoring unreadable image cache {show_path(cache_file)}; rebuilding it")
-    images, skipped = _decode_all(paths, size, channels, log)
+    images, skipped, kept = _decode_all(paths, size, channels, log)
     if len(images) == 0:
         raise DdpmError(f"none of the {len(paths)} image files under {shown} could be read; "
                         "check that they are valid jpg/png/webp/bmp images")
@@ -230,7 +234,19 @@ def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str |
         log(f"warning: skipped {skipped} of {len(paths)} files that could not be read as images")
     if cache_file is not None:
         images = _write_cache(images, cache_file, log)
-    return ImageData(images, str(root), skipped)
+    return ImageData(images, str(root), skipped, *folder_labels(root, paths, kept))
+
+
+def folder_labels(root: Path, paths: list[Path], kept: list[int] | None) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(labels, class names) from the seed's layout root/CLASS/.../image: the first folder below
+    `root` names each image's class, classes in sorted order. (None, ()) when any image lies
+    directly in `root`, or `kept` (indices of the decoded paths) is unknown."""
+    firsts = [p.relative_to(root).parts for p in paths]
+    if kept is None or not firsts or any(len(parts) < 2 for parts in firsts):
+        return None, ()
+    names = tuple(sorted({parts[0] for parts in firsts}))
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[firsts[k][0]] for k in kept], np.int64), names
 
 
 def _write_cache(images: np.ndarray, cache_file: Path, log=print) -> np.ndarray:
@@ -360,8 +376,12 @@ def load_data(path: str, size: int, channels: int = 0, cache_dir: str | None = N
     images file, or an image folder; channels 0 means the data's own (3 for image folders)."""
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
-        if name == "digits":
-            images = builtin_digits(size)
+        if name == "digits":  # with scikit-learn's labels 0..9
+            images = builtin_digits(size)  # says how to install scikit-learn when it is missing
+            from sklearn.datasets import load_digits
+
+            return ImageData(_match_channels(images, channels), path,
+                             labels=np.asarray(load_digits().target, np.int64), classes=tuple("0123456789"))
         elif name == "shapes":
             images = builtin_shapes(size)
         else:
@@ -417,6 +437,20 @@ def epoch_batches(data: ImageData, batch_size: int, seed: int, epoch: int, start
             f = flips[idx].to(device)
             x = torch.where(f[:, None, None, None], x.flip(3), x)
         yield x
+
+
+def epoch_labels(data: ImageData, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                 world: int = 1, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """The class labels of `epoch_batches`' batches (same arguments), as int64 tensors on `device`:
+    the same permutation, drawn first from the same generator."""
+    if data.labels is None:
+        raise DdpmError(f"{data.source} has no class labels; use class folders (dataset/CLASS/*.jpg), an IDX or "
+                        ".npz file with labels, or builtin:digits, or train without --class-cond")
+    perm = torch.randperm(len(data), generator=epoch_generator(seed, epoch))
+    labels = torch.from_numpy(np.asarray(data.labels, np.int64))
+    global_batch = batch_size * world
+    for b in range(start, num_batches(len(data), batch_size, world)):
+        yield labels[perm[b * global_batch:(b + 1) * global_batch][rank::world]].to(device)
 
 
 def num_batches(n: int, batch_size: int, world: int = 1) -> int:

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import random
 import dataclasses
+import itertools
 import math
 import signal
 import threading
@@ -46,8 +47,9 @@ from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, model_from_config, new_history, position_of,
                          restore_training, save_training)
 from .config import Config, apply_overrides, validate
-from .data import epoch_batches, load_data, num_batches
+from .data import epoch_batches, epoch_labels, load_data, num_batches
 from .errors import DdpmError
+from .guidance.cfg import LabelledNet
 from .images import make_grid, save_images
 from .losses import make_loss, take_rows
 
@@ -198,6 +200,23 @@ def _seed_dropout(device: torch.device, seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
+def _with_classes(cfg: Config, data) -> Config:
+    """cfg with model.num_classes / class_names from the data when train.class_cond is on; a resumed
+    conditional run must see the classes it was trained on."""
+    if not cfg.train.class_cond:
+        return cfg
+    if data.labels is None:
+        raise DdpmError(f"--class-cond needs class labels, but {data.source} has none; arrange the images as "
+                        "DATA/CLASS_NAME/*.jpg (one folder per class), or use an IDX / .npz file with labels or "
+                        "builtin:digits")
+    names = tuple(data.classes) or tuple(str(k) for k in range(int(data.labels.max()) + 1))
+    m = cfg.model
+    if m.num_classes and (m.num_classes, tuple(m.class_names)) != (len(names), names):
+        raise DdpmError(f"this run was trained on {m.num_classes} classes {list(m.class_names)[:10]}, but the "
+                        f"data now has {len(names)} {list(names)[:10]}; use the same data or --fresh")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, num_classes=len(names), class_names=names))
+
+
 # --- the state of a run and the loop ---------------------------------------------------------
 
 @dataclass
@@ -290,7 +309,8 @@ class _Trainer:
         """The decoded images (one process builds a file cache first), and cfg with their channel count."""
         with self.ctx.local_main_first() if cfg.data.cache_dir else contextlib.nullcontext():
             data = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, self.log)
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channels=data.channels)), data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channels=data.channels))
+        return _with_classes(cfg, data), data
 
     def _build(self) -> tuple[TrainState, Any]:
         """Model, EMA (rank 0 only: every rank holds the same weights), AdamW and the warm-up schedule."""
@@ -378,10 +398,12 @@ class _Trainer:
         self.window = _Window(torch.zeros((), device=self.device))
         batches = epoch_batches(self.data, t.batch_size, t.seed, s.epoch, s.batch, self.cfg.data.hflip,
                                 rank=ctx.rank, world=ctx.world, device=self.device)
+        labels = (epoch_labels(self.data, t.batch_size, t.seed, s.epoch, s.batch, ctx.rank, ctx.world, self.device)
+                  if self.cfg.model.num_classes else itertools.repeat(None))
         try:
-            for b, x in enumerate(batches, start=s.batch):
+            for b, (x, y) in enumerate(zip(batches, labels), start=s.batch):
                 bar.update(1)
-                if not self._micro_batch(b, x):
+                if not self._micro_batch(b, x, y):
                     continue  # more micro-batches of this optimizer step to come
                 s.batch = b + 1
                 norm = self._optimizer_step()
@@ -406,7 +428,7 @@ class _Trainer:
             self._grid(f"step{s.step}")
         return True
 
-    def _micro_batch(self, b: int, x: torch.Tensor) -> bool:
+    def _micro_batch(self, b: int, x: torch.Tensor, y: torch.Tensor | None = None) -> bool:
         """Forward and backward of batch b; True when it is the last of its optimizer step's group."""
         accum = self.cfg.train.grad_accum
         group_start = b // accum * accum
@@ -415,26 +437,32 @@ class _Trainer:
         # Gradients of the group's earlier micro-batches stay local; the last one all-reduces them all.
         no_sync = self.ctx.enabled and not last_of_group
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
-            loss, logged = self._loss(b, x)
+            loss, logged = self._loss(b, x, y)
             (loss / group_n).backward()
         self.window.loss_sum += logged
         self.window.n += 1
         self.window.images += x.shape[0]
         return last_of_group
 
-    def _loss(self, b: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, b: int, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss of this process's rows to backpropagate, its detached value for the log).
 
         The loss's random inputs are drawn for the whole global batch b (the same on every rank)
-        and this rank keeps rows rank::world, the rows of x.
+        and this rank keeps rows rank::world, the rows of x. A class-conditional model gets the
+        labels y, each replaced by the null class with probability cond_drop (drawn after the
+        loss's inputs, from the same generator; Ho & Salimans 2022, Alg. 1).
         """
         ctx, seed, epoch = self.ctx, self.cfg.train.seed, self.state.epoch
         g = min(self.global_batch, len(self.data) - b * self.global_batch)  # the last global batch may be smaller
         self.draw_gen.manual_seed(draw_seed(seed, _LOSS_DRAWS, epoch, b))
         draws = take_rows(self.loss_fn.draw(g, x, self.draw_gen), slice(ctx.rank, None, ctx.world))
+        net = self.net
+        if y is not None:
+            drop = torch.rand(g, generator=self.draw_gen, device=self.device)[ctx.rank::ctx.world]
+            net = LabelledNet(self.net, torch.where(drop < self.cfg.train.cond_drop, self.cfg.model.num_classes, y))
         _seed_dropout(self.device, draw_seed(seed, _DROPOUT, epoch, b, ctx.rank))
         with self.autocast:
-            per_sample = self.loss_fn(self.net, x, draws)
+            per_sample = self.loss_fn(net, x, draws)
         # DDP averages gradients over the ranks, so sum * world / g gives the gradient of the
         # global batch's mean loss even when ranks hold unequal shares (or none) of it.
         local = per_sample.sum() / g
@@ -522,11 +550,28 @@ class _Trainer:
         if not self.ctx.is_main:  # the other ranks go on and wait for rank 0 at the next all-reduce
             return
         t = self.cfg.train
-        images = self.diffusion.sample(self._sampling_model(), t.sample_n, sampler=t.sample_sampler,
-                                       steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
-                                       bf16=t.bf16, progress=False)
-        save_images(images, self.paths.results / f"{name}.jpg")
+        if self.cfg.model.num_classes:
+            images = self._class_grid(name)
+        else:
+            images = self.diffusion.sample(self._sampling_model(), t.sample_n, sampler=t.sample_sampler,
+                                           steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
+                                           bf16=t.bf16, progress=False)
+            save_images(images, self.paths.results / f"{name}.jpg")
         self.writer.add_image("samples", make_grid(images), self.state.step, dataformats="HWC")
+
+    def _class_grid(self, name: str) -> torch.Tensor:
+        """A conditional model's grid: one row per class (at least one image each, about sample_n in
+        all), unguided, with the class names on the left."""
+        from .guidance import class_names, class_rows, generate, save_labelled_grid
+
+        t, m = self.cfg.train, self.cfg.model
+        per_class = max(1, t.sample_n // m.num_classes)
+        images = generate(self.diffusion, self._sampling_model(), m.num_classes * per_class,
+                          labels=class_rows(m.num_classes, per_class), sampler=t.sample_sampler,
+                          steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed, bf16=t.bf16)
+        save_labelled_grid(images, class_names(m), per_class, self.paths.results / f"{name}.jpg",
+                           min_width=0 if getattr(t, "native_grids", False) else 256)
+        return images
 
     def _evaluate(self) -> None:
         """FID/KID of the EMA model against the training images, logged under eval/ (rank 0)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .unet import timestep_embedding
+from .unet import add_class, class_table, timestep_embedding
 
 
 def norm_groups(channels: int) -> int:
@@ -125,13 +125,15 @@ class ADMUNet(nn.Module):
     skip); `attn_levels` adds self-attention after the residual blocks of those levels; the
     middle always has attention, as in ADM. The input side must be divisible by
     2**(len(channel_mults) - 1). `time_dim` is the width of the sinusoidal features and the MLP.
+    `num_classes` > 0 adds a learned class embedding to the MLP's output (see `unet.add_class`).
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 128, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), attn_levels: tuple[int, ...] = (2,),
-                 num_heads: int = 4, dropout: float = 0.0, num_res_blocks: int = 2):
+                 num_heads: int = 4, dropout: float = 0.0, num_res_blocks: int = 2, num_classes: int = 0):
         super().__init__()
         self.time_dim = time_dim
+        self.num_classes = num_classes
         self.num_levels = len(channel_mults)
         self.grad_checkpointing = False
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -143,6 +145,8 @@ class ADMUNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(top, top, **block), AttnBlock(top, num_heads), ResBlock(top, top, **block)])
         self.dec = self._decoder(widths, set(attn_levels), num_heads, num_res_blocks, block, skip_widths)
         self.out = nn.Sequential(_norm(widths[0]), nn.SiLU(), _zero(nn.Conv2d(widths[0], c_out, 3, padding=1)))
+        if num_classes > 0:  # registered last, so an unconditional network's layout is unchanged
+            self.label_emb = class_table(num_classes, time_dim)
 
     @staticmethod
     def _encoder(widths, attn, heads, n_res, block) -> tuple[nn.ModuleList, list[int]]:
@@ -187,14 +191,16 @@ class ADMUNet(nn.Module):
                 h = block(h, silu_emb)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`y`: class labels (num_classes = null) of a class-conditional network; None = null class."""
         factor = 2 ** (self.num_levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"input size {tuple(x.shape[-2:])} must be divisible by {factor}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        silu_emb = F.silu(self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype)))
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
+        silu_emb = F.silu(add_class(emb, getattr(self, "label_emb", None), y))
         h = self.conv_in(x)
         skips = [h]
         for step in self.enc:

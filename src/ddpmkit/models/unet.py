@@ -25,6 +25,31 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+def class_table(num_classes: int, dim: int) -> nn.Embedding | None:
+    """The learned class embedding of a class-conditional network, or None for an unconditional one
+    (whose parameters and state-dict keys then stay exactly as before).
+
+    Row `num_classes` is the null class, trained with probability cond_drop so that one network
+    also predicts unconditionally, for classifier-free guidance (Ho & Salimans 2022, §3.2)."""
+    return nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
+
+
+def add_class(emb: torch.Tensor, table: nn.Embedding | None, y: torch.Tensor | None) -> torch.Tensor:
+    """emb + table(y): the class embedding joins the time embedding, as in ADM (Dhariwal & Nichol
+    2021, App. A: emb = time_embed(t) + label_emb(y)); y None means the null class."""
+    if table is None:
+        if y is not None:
+            raise ValueError("this network is unconditional (num_classes=0) but got class labels")
+        return emb
+    null = table.num_embeddings - 1
+    if y is None:
+        y = torch.full((emb.shape[0],), null, device=emb.device, dtype=torch.long)
+    y = torch.as_tensor(y, device=emb.device).long().reshape(-1).expand(emb.shape[0])
+    if y.device.type == "cpu" and bool(((y < 0) | (y > null)).any()):  # no host sync on a GPU
+        raise ValueError(f"class labels must lie in 0..{null} ({null} = the null class)")
+    return emb + table(y).to(emb.dtype)
+
+
 class DoubleConv(nn.Module):
     """conv3x3 -> GroupNorm -> GELU -> conv3x3 -> GroupNorm, with an optional residual GELU(x + f(x))."""
 
@@ -118,13 +143,16 @@ class UNet(nn.Module):
     Level k works at 1/2**k of the input resolution with `base_channels * channel_mults[k]`
     channels; the input side must be divisible by 2**(len(channel_mults) - 1). The defaults
     reproduce the seed tutorial's 64x64 network (attention after every Down and Up block).
+    `num_classes` > 0 adds a learned class embedding to the time embedding (see `add_class`).
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, base_channels: int = 64,
                  channel_mults: tuple[int, ...] = (1, 2, 4, 4), attn_levels: tuple[int, ...] = (0, 1, 2, 3),
-                 num_heads: int = 4, dropout: float = 0.0, device: str | torch.device | None = None):
+                 num_heads: int = 4, dropout: float = 0.0, device: str | torch.device | None = None,
+                 num_classes: int = 0):
         super().__init__()
         self.time_dim = time_dim
+        self.num_classes = num_classes
         self.num_levels = len(channel_mults)
         ch = [base_channels * m for m in channel_mults]
         last = len(ch) - 1
@@ -151,6 +179,8 @@ class UNet(nn.Module):
         self.up_attn = nn.ModuleList(up_attn)
         self.outc = nn.Conv2d(width, c_out, kernel_size=1)
         self.grad_checkpointing = False
+        if num_classes > 0:  # registered last, so an unconditional network's layout is unchanged
+            self.label_emb = class_table(num_classes, time_dim)
         if device is not None:
             self.to(device)
 
@@ -170,13 +200,14 @@ class UNet(nn.Module):
         """The seed's name for the sinusoidal time embedding."""
         return timestep_embedding(t, channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`y`: class labels (num_classes = null) of a class-conditional network; None = null class."""
         factor = 2 ** (self.num_levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"input size {tuple(x.shape[-2:])} must be divisible by {factor}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = timestep_embedding(t, self.time_dim).to(x.dtype)
+        emb = add_class(timestep_embedding(t, self.time_dim).to(x.dtype), getattr(self, "label_emb", None), y)
         skips = [self._block(self.inc, x)]
         h = skips[0]
         for down, attn in zip(self.downs, self.down_attn):

@@ -1,0 +1,268 @@
+"""Class-conditional training, classifier-free guidance, inpainting and SDEdit (issue 13)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpmkit.train as train_module
+from ddpmkit import load_model
+from ddpmkit.cli import main
+from ddpmkit.config import ModelConfig, from_dict
+from ddpmkit.data import ImageData, epoch_batches, epoch_labels, load_data, load_folder
+from ddpmkit.diffusion import Diffusion
+from ddpmkit.errors import DdpmError
+from ddpmkit.guidance import GuidedDenoiser, LabelledNet, build_denoiser, generate, start_sigma
+from ddpmkit.models import ADMUNet, UNet, build_model
+from ddpmkit.train import prepare, train
+
+TINY = {"size": "custom", "arch": "adm", "base_channels": 16, "channel_mults": [1, 2], "attn_levels": [],
+        "time_dim": 32, "num_res_blocks": 1}
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch, one_torch_thread):
+    monkeypatch.setattr(train_module, "DRAW_CURVES", False)
+
+
+def _jiggle(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights everywhere (ADM zero-initializes its output conv, which would hide the class)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _nets(k=3):
+    return [_jiggle(ADMUNet(c_in=1, c_out=1, time_dim=32, base_channels=16, channel_mults=(1, 2), attn_levels=(1,),
+                            num_res_blocks=1, num_classes=k)),
+            _jiggle(UNet(c_in=1, c_out=1, time_dim=32, base_channels=8, channel_mults=(1, 2), attn_levels=(1,),
+                         num_classes=k))]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("net", _nets(), ids=["adm", "unet"])
+def test_guidance_weight_one_is_conditional_and_zero_is_null_exactly(net):
+    d = Diffusion(img_size=8, channels=1, noise_steps=50)
+    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor(3.0)
+    y = torch.tensor([0, 1, 2, 1])
+    def plain(labels):
+        den = d.denoiser(LabelledNet(net, labels))
+        den.clip_denoised = False
+        return den(x, sigma)
+
+    cond, null = plain(y), plain(torch.full((4,), 3))
+    guided = lambda w: build_denoiser(d, net, y, guidance=w, clip=False)(x, sigma)
+    assert torch.equal(guided(1.0), cond)
+    assert torch.equal(guided(0.0), null)
+    assert not torch.allclose(cond, null)  # the class matters, so the two checks above mean something
+    torch.testing.assert_close(guided(2.5), null + 2.5 * (cond - null), rtol=1e-5, atol=1e-5)
+    # Lin et al. (2024) rescale with phi = 1: the guided estimate takes the conditional one's std.
+    resc = build_denoiser(d, net, y, guidance=4.0, rescale_phi=1.0, clip=False)(x, sigma)
+    torch.testing.assert_close(resc.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-4, atol=1e-5)
+
+
+def test_unconditional_models_keep_their_state_dict():
+    """Only a conditional network has the class table; an unconditional one is exactly as before."""
+    for arch in ("adm", "unet"):
+        cfg = ModelConfig(arch=arch, base_channels=8, channel_mults=(1, 2), attn_levels=(1,), time_dim=16)
+        plain = build_model(cfg, 1)
+        cond = build_model(ModelConfig(**{**cfg.__dict__, "num_classes": 4}), 1)
+        assert not any("label" in k for k in plain.state_dict())
+        assert set(cond.state_dict()) - set(plain.state_dict()) == {"label_emb.weight"}
+        assert cond.state_dict()["label_emb.weight"].shape == (5, 16)  # 4 classes + the null class
+    # The seed UNet's size is pinned (23.3M at 3 channels): the class code adds nothing to it.
+    assert sum(p.numel() for p in build_model(ModelConfig(), 3).parameters()) == 23_332_739
+    # A checkpoint config from before num_classes existed loads as unconditional.
+    stored = from_dict({"model": {"arch": "adm"}})
+    assert stored.model.num_classes == 0 and stored.model.class_names == ()
+
+
+def test_unconditional_network_refuses_labels():
+    net = UNet(c_in=1, c_out=1, time_dim=16, base_channels=8, channel_mults=(1, 2), attn_levels=())
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_class_folders_give_labels_and_names(image_folder):
+    data = load_folder(image_folder, 8, 3)
+    assert data.classes == ("a", "b")
+    # conftest writes image i into "a" when i is odd; files are listed sorted, a/ before b/.
+    assert list(data.labels) == [0] * 12 + [1] * 12
+    flat = load_data("builtin:digits", 8)
+    assert flat.classes == tuple("0123456789") and len(flat.labels) == len(flat) == 1797
+
+
+def test_epoch_labels_follow_epoch_batches():
+    n = 37
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2)
+    data = ImageData(images, "ids", labels=np.arange(n) * 3)
+    for rank in (0, 1):
+        xs = epoch_batches(data, 5, seed=3, epoch=2, start=1, rank=rank, world=2)
+        ys = epoch_labels(data, 5, seed=3, epoch=2, start=1, rank=rank, world=2)
+        for x, y in zip(xs, ys, strict=True):
+            ids = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+            assert torch.equal(ids * 3, y)
+
+
+# --- training and the class of the samples ------------------------------------------------------
+
+def two_classes(root, n=512, seed=0):
+    """8x8 greyscale images in class folders: 'top' has a bright top half, 'bottom' a bright bottom half."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        name = ("top", "bottom")[i % 2]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        a = rng.normal(40, 20, (8, 8))
+        a[:4] += 170 if name == "top" else 0
+        a[4:] += 170 if name == "bottom" else 0
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").save(root / name / f"{i}.png")
+    return root
+
+
+def train_conditional(tmp_path, epochs, n=512, **train_kw):
+    folder = two_classes(tmp_path / "data", n)
+    t = {"workdir": str(tmp_path), "run_name": "c", "epochs": epochs, "batch_size": 32, "sample_every_epochs": 0,
+         "log_every": 50, "ema_decay": 0.0, "lr": 2e-3, "device": "cpu", "class_cond": True, **train_kw}
+    cfg, ckpt = prepare({"data": {"path": str(folder), "image_size": 8, "channels": 1}, "model": TINY,
+                         "diffusion": {"timesteps": 100, "schedule": "cosine"}, "train": t}, fresh=True)
+    train(cfg, ckpt, progress=False, log=lambda *a: None)
+    return folder, tmp_path / "models" / "c" / "ckpt.pt"
+
+
+def class_accuracy(folder, ckpt, guidance, per_class=16):
+    """Accuracy of a nearest-centroid classifier, fitted on the training images, on guided samples."""
+    data = load_data(str(folder), 8, 1)
+    x = torch.from_numpy(np.asarray(data.images, np.float32)).flatten(1) / 127.5 - 1
+    centroids = torch.stack([x[torch.from_numpy(data.labels) == k].mean(0) for k in range(2)])
+    model, diffusion, cfg = load_model(ckpt)
+    assert cfg.model.class_names == ("bottom", "top")  # stored in the checkpoint
+    labels = torch.arange(2).repeat_interleave(per_class)
+    samples = generate(diffusion, model, len(labels), labels=labels, guidance=guidance, sampler="ddim", steps=20,
+                       seed=1)
+    predicted = torch.cdist(samples.flatten(1), centroids).argmin(1)
+    return (predicted == labels).float().mean().item()
+
+
+def test_conditional_samples_have_their_class_quick(tmp_path):
+    """The default suite's weaker version: 5 epochs of 8 steps on 256 images."""
+    folder, ckpt = train_conditional(tmp_path, epochs=5, n=256)
+    assert class_accuracy(folder, ckpt, guidance=3.0) >= 0.8
+
+
+@pytest.mark.slow
+def test_conditional_samples_have_their_class(tmp_path):
+    folder, ckpt = train_conditional(tmp_path, epochs=15)  # 240 steps
+    assert class_accuracy(folder, ckpt, guidance=1.0) >= 0.9
+    assert class_accuracy(folder, ckpt, guidance=3.0) >= 0.97
+
+
+# --- inpainting, SDEdit and the command line ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(unconditional, conditional) checkpoints of a barely trained tiny model on the two classes."""
+    root = tmp_path_factory.mktemp("ckpts")
+    folder = two_classes(root / "data", n=64)
+    out = []
+    for name, cond in (("u", False), ("c", True)):
+        t = {"workdir": str(root), "run_name": name, "epochs": 1, "batch_size": 32, "sample_every_epochs": 0,
+             "ema_decay": 0.0, "device": "cpu", "class_cond": cond}
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cfg, ckpt = prepare({"data": {"path": str(folder), "image_size": 8, "channels": 1}, "model": TINY,
+                                 "diffusion": {"timesteps": 100, "schedule": "cosine"}, "train": t}, fresh=True)
+            train(cfg, ckpt, progress=False, log=lambda *a: None)
+        finally:
+            torch.set_num_threads(old)
+        out.append(root / "models" / name / "ckpt.pt")
+    return out
+
+
+def _png(path, arr, mode="L"):
+    Image.fromarray(np.asarray(arr, np.uint8), mode).save(path)
+    return str(path)
+
+
+def test_inpainting_keeps_known_pixels(checkpoints, tmp_path):
+    rng = np.random.default_rng(1)
+    known = rng.integers(0, 256, (8, 8)).astype(np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, 4:] = 255  # generate the right half
+    image, mask_path = _png(tmp_path / "known.png", known), _png(tmp_path / "mask.png", mask)
+    for ckpt in checkpoints:
+        for sampler, extra in (("euler", ["--steps", "6"]), ("ddpm", ["--steps", "5", "--resample", "2"])):
+            out = tmp_path / f"{ckpt.parent.name}_{sampler}.png"
+            assert main(["sample", "--ckpt", str(ckpt), "--inpaint", image, "--mask", mask_path, "-n", "3",
+                         "--sampler", sampler, "--out-dir", str(out.with_suffix("")), "--no-progress",
+                         "--device", "cpu", *extra] + (["--class", "top"] if ckpt.parent.name == "c" else [])) == 0
+            for f in sorted(out.with_suffix("").glob("*.png")):
+                got = np.asarray(Image.open(f).convert("L"), np.int16)
+                assert np.abs(got[:, :4] - known[:, :4]).max() <= 1, (ckpt, sampler)
+                assert np.abs(got[:, 4:] - known[:, 4:]).max() > 1  # the masked half was generated
+
+
+def test_sdedit_strength_zero_returns_image_and_one_is_a_sample(checkpoints):
+    model, diffusion, _ = load_model(checkpoints[0])
+    init = torch.rand(1, 1, 8, 8) * 2 - 1
+    for sampler in ("ddpm", "ddim", "heun"):
+        kw = dict(sampler=sampler, steps=8, seed=4)
+        assert torch.equal(generate(diffusion, model, 2, init=init, strength=0.0, **kw), init.expand(2, 1, 8, 8))
+        assert torch.equal(generate(diffusion, model, 2, init=init, strength=1.0, **kw),
+                           diffusion.generate(model, 2, progress=False, **kw))
+    # In between, the result stays closer to the image the smaller the strength.
+    dist = [(generate(diffusion, model, 8, init=init, strength=s, sampler="ddim", steps=20) - init).abs().mean()
+            for s in (0.1, 0.5, 1.0)]
+    assert dist[0] < dist[1] < dist[2]
+    # sigma(S T) rises with S, and S = 1 is the model's largest sigma.
+    den = diffusion.denoiser(model)
+    sig = [start_sigma(den, s, den.sigma_max) for s in (0.05, 0.3, 0.7, 1.0)]
+    assert sig == sorted(sig) and sig[-1] == pytest.approx(den.sigma_max, rel=1e-6)
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(checkpoints, tmp_path, capsys):
+    uncond, cond = map(str, checkpoints)
+    image = _png(tmp_path / "img.png", np.zeros((8, 8)))
+    common = ["--no-progress", "--device", "cpu", "--steps", "2", "--out", str(tmp_path / "o.png")]
+    assert "unknown class 'seven'" in _error(capsys, ["sample", "--ckpt", cond, "--class", "seven", *common])
+    assert "class-conditional" in _error(capsys, ["sample", "--ckpt", uncond, "--class", "top", *common])
+    assert "class-conditional" in _error(capsys, ["sample", "--ckpt", uncond, "--guidance", "3", *common])
+    big = _png(tmp_path / "big.png", np.zeros((16, 16)))
+    assert "16x16" in _error(capsys, ["sample", "--ckpt", uncond, "--inpaint", image, "--mask", big, *common])
+    rgb = _png(tmp_path / "rgb.png", np.zeros((8, 8, 3)), "RGB")
+    assert "single-channel" in _error(capsys, ["sample", "--ckpt", uncond, "--inpaint", image, "--mask", rgb, *common])
+    assert "does not exist" in _error(capsys, ["sample", "--ckpt", uncond, "--inpaint", image, "--mask",
+                                               str(tmp_path / "nope.png"), *common])
+    edit = ["edit", "--ckpt", uncond, "--init", image, "--device", "cpu", "--out", str(tmp_path / "e.png")]
+    for s in ("1.5", "-0.1"):
+        assert "[0, 1]" in _error(capsys, [*edit, "--strength", s])
+    assert "does not exist" in _error(capsys, ["edit", "--ckpt", uncond, "--init", str(tmp_path / "none.png"),
+                                               "--strength", "0.5", "--device", "cpu"])
+
+
+def test_cli_labelled_grid_and_edit(checkpoints, tmp_path, capsys):
+    cond = str(checkpoints[1])
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", cond, "-n", "4", "--steps", "2", "--sampler", "ddim", "--native-size",
+                 "--out", str(grid), "--no-progress", "--device", "cpu"]) == 0
+    assert "rows: bottom, top" in capsys.readouterr().out
+    img = Image.open(grid)
+    assert img.height == 2 + 2 * (8 + 2)  # two rows of 8 px images (two per class), captions on the left
+    image = _png(tmp_path / "img.png", np.full((8, 8), 200))
+    out = tmp_path / "edit.png"
+    assert main(["edit", "--ckpt", cond, "--init", image, "--strength", "0", "--class", "1", "--guidance", "2",
+                 "--native-size", "--out", str(out), "--device", "cpu"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("L")), np.full((8, 8), 200))
+    with pytest.raises(DdpmError, match="no class labels"):
+        list(epoch_labels(ImageData(np.zeros((2, 4, 4, 1), np.uint8), "x"), 1, 0, 0))
