@@ -30,10 +30,12 @@ def test_train_resume_sample(image_folder, tmp_path, capsys):
     ckpt = str(tmp_path / "models/e2e/ckpt.pt")
     grid = tmp_path / "grid.png"
     assert main(["sample", "--ckpt", ckpt, "-n", "5", "--seed", "7", "--out", str(grid), "--out-dir",
-                 str(tmp_path / "a"), "--batch-size", "2", "--steps", "6", "--no-progress"]) == 0
+                 str(tmp_path / "a"), "--batch-size", "2", "--steps", "6", "--no-progress", "--native-size"]) == 0
     assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)  # 3x2 grid of 8px images with 2px padding
     assert main(["sample", "--ckpt", ckpt, "-n", "5", "--seed", "7", "--out-dir", str(tmp_path / "b"),
                  "--batch-size", "5", "--steps", "6", "--no-progress"]) == 0
+    assert main(["sample", "--ckpt", ckpt, "-n", "5", "--seed", "7", "--out-dir", str(tmp_path / "c"),
+                 "--batch-size", "5", "--steps", "6", "--no-progress", "--clip", "off"]) == 0
     for k in range(5):  # per-sample seeding: same images whatever the batch size
         a = np.asarray(Image.open(tmp_path / f"a/{k:06d}.png"))
         b = np.asarray(Image.open(tmp_path / f"b/{k:06d}.png"))
@@ -85,6 +87,8 @@ def test_corrupt_images_are_skipped_with_count(image_folder, tmp_path, capsys):
     (["--set", "train.epochs=many"], "train.epochs='many' is not a valid int"),
     (["--model-size", "huge"], "unknown model size 'huge'"),
     (["--schedule", "exp"], "diffusion.schedule must be"),
+    (["--prediction", "v", "--set", "diffusion.learn_sigma=true", "--set", "diffusion.zero_terminal_snr=true"],
+     "learn_sigma cannot be combined with zero_terminal_snr"),
 ])
 def test_impossible_values(image_folder, tmp_path, capsys, args, match):
     import re
@@ -133,3 +137,11 @@ def test_real_process_prints_one_line_and_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_sample_help_states_every_samplers_default_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ddpm: all T, ddim: 50, dpm++2m: 20, dpm++3m: 20, dpm++2m-sde: 20, euler: 50, heun: 18 (35 NFE)" in text
+    assert "--clip {auto,on,off}" in text

@@ -54,6 +54,15 @@ def test_validation_messages(section, key, value, match):
         validate(apply_overrides(Config(), {section: {key: value}}))
 
 
+def test_learn_sigma_with_zero_terminal_snr_is_refused():
+    # At SNR 0 the variational bound's x0 estimate is 0/0, so every batch with t = T-1 would be NaN.
+    cfg = apply_overrides(Config(), {"diffusion": {"prediction": "v", "zero_terminal_snr": True, "learn_sigma": True}})
+    with pytest.raises(DdpmError, match="learn_sigma cannot be combined with zero_terminal_snr"):
+        validate(cfg)
+    for one_of_them in ({"learn_sigma": False}, {"zero_terminal_snr": False}):
+        validate(apply_overrides(cfg, {"diffusion": one_of_them}))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), [1], True, None])
 def test_bad_types(value):
     with pytest.raises(DdpmError, match="is not a valid float"):

@@ -101,3 +101,68 @@ def test_seed_api_sample_returns_uint8_and_restores_mode():
     images = d.sample(model, n=3, progress=False)
     assert images.dtype == torch.uint8 and images.shape == (3, 3, 8, 8)
     assert model.training
+
+
+def test_seed_constructor_keywords_still_work():
+    d = Diffusion(img_size=16, device="cpu")
+    assert (d.noise_steps, d.img_size, d.device.type) == (1000, 16, "cpu")
+    d = Diffusion(noise_steps=50, beta_start=2e-4, beta_end=0.03, img_size=8, device="cpu")
+    assert d.noise_steps == 50 and d.beta.shape == (50,) and d.alpha_hat.shape == (50,)
+    assert math.isclose(float(d.beta[0]), 2e-4, rel_tol=1e-5) and math.isclose(float(d.beta[-1]), 0.03, rel_tol=1e-5)
+    torch.testing.assert_close(d.alpha, 1 - d.beta)
+    assert callable(d.noise_images) and callable(d.sample_timesteps) and callable(d.sample)
+    with pytest.raises(TypeError, match="unknown settings \\['noise_step'\\]"):
+        Diffusion(noise_step=10)
+    with pytest.raises(TypeError, match="DiffusionConfig"):
+        Diffusion(1000)
+
+
+def test_every_config_field_reaches_the_diffusion():
+    from ddpmkit.config import DiffusionConfig
+
+    cfg = DiffusionConfig(timesteps=30, schedule="cosine", prediction="v", variance="posterior", clip_denoised=False,
+                          zero_terminal_snr=True, objective="edm", sigma_data=0.3, sigma_min=0.01, sigma_max=40.0)
+    d = Diffusion.from_config(cfg, 8, 1, "cpu")
+    assert d.config == cfg and (d.img_size, d.channels) == (8, 1)
+    assert (d.noise_steps, d.schedule, d.prediction, d.variance, d.clip_denoised, d.objective) == \
+        (30, "cosine", "v", "posterior", False, "edm")
+    assert (d.sigma_data, d.sigma_min, d.sigma_max) == (0.3, 0.01, 40.0)
+    assert float(d.alpha_hat[-1]) == 0.0  # zero terminal SNR reached the schedule
+    # Keywords apply on top of a config.
+    assert Diffusion(cfg, img_size=8, prediction="x0", learn_sigma=True).learned_variance is True
+
+
+def test_clip_is_a_sampling_option():
+    # An exact model of N(0.9, 0.5^2) data: many x0 estimates lie above 1.
+    d = Diffusion(img_size=2, channels=1, noise_steps=1000)  # clip_denoised defaults to True
+    net = GaussianEps(d.alpha_hat, 0.9, 0.5)
+    x = torch.full((1, 1, 2, 2), 3.0)
+    sigma = d.denoiser(net).discrete_sigmas[100]
+    assert float(d.denoiser(net)(x, sigma).max()) == 1.0            # config default: clipped
+    assert float(d.denoiser(net, clip=False)(x, sigma).max()) > 1.0  # off: the PF-ODE's own D
+    assert float(Diffusion(img_size=2, channels=1, clip_denoised=False).denoiser(net, clip=True)(x, sigma).max()) == 1.0
+    def largest_x0(**clip):  # the largest x0 estimate the sampler saw
+        seen = []
+        d.generate(net, 64, sampler="ddim", steps=10, seed=0, progress=False,
+                   callback=lambda i, s, x, denoised: seen.append(float(denoised.max())), **clip)
+        return max(seen)
+
+    assert largest_x0() == largest_x0(clip=True) == 1.0 and largest_x0(clip=False) > 1.5
+
+
+class RecordsT(torch.nn.Module):
+    """F = t: the network's output is its noise-conditioning input."""
+
+    def forward(self, x, t):
+        return t.view(-1, 1, 1, 1).expand_as(x).clone()
+
+
+def test_edm_noise_conditioning_is_250_ln_sigma():
+    from ddpmkit.diffusion import EDMDenoiser
+
+    sigma, sd = torch.tensor([0.002, 0.5, 80.0]), 0.5
+    x = torch.zeros(3, 1, 1, 1)
+    out = EDMDenoiser(RecordsT(), sigma_data=sd)(x, sigma).flatten()
+    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+    # c_noise = 1000 * ln(sigma) / 4 (Karras et al. 2022 Table 1's ln(sigma)/4, scaled as documented)
+    torch.testing.assert_close(out / c_out, 1000 * sigma.log() / 4)

@@ -129,7 +129,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .samplers import SAMPLERS, SPACINGS
+    from .samplers import SAMPLERS, SPACINGS, describe_defaults
 
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
@@ -169,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "process, x_t and predicted x0 at about 10 steps: a strip (.png) or an animation (.gif)")
     sa.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="sampler (default: ddpm)")
     sa.add_argument("--steps", type=_positive_int, default=None,
-                    help="sampler steps = model evaluations (Heun: 2*steps-1) (default: all T for ddpm/ddim, else 50)")
+                    help="sampler steps = model evaluations (Heun: 2*steps-1); default per sampler: "
+                    f"{describe_defaults()} (never more than the model's T)")
     sa.add_argument("--spacing", choices=SPACINGS, default=None, help="noise-level spacing (default: per sampler)")
     sa.add_argument("--eta", type=float, default=None, help="DDIM / DPM++ SDE noise factor in [0, 1]")
+    sa.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+                    help="clamp the sampler's x0 estimates to [-1, 1]; inside ODE solvers (ddim, dpm++, euler, "
+                    "heun) this changes the ODE they solve. auto: the checkpoint's diffusion.clip_denoised "
+                    "(default: auto)")
     sa.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
     sa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     sa.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
@@ -270,7 +275,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         images = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
                                       dst=0 if ctx.enabled else None, sampler=args.sampler, steps=args.steps,
                                       spacing=args.spacing, bf16=args.bf16, progress=not args.no_progress,
-                                      **options)
+                                      clip={"auto": None, "on": True, "off": False}[args.clip], **options)
     finally:
         ctx.close()
     if images is None:  # not process 0
@@ -295,7 +300,8 @@ def _write_trajectory(args: argparse.Namespace, model, diffusion, options: dict)
     from .trajectory import record_trajectory, write_trajectory
 
     traj = record_trajectory(diffusion, model, n=min(4, args.n), sampler=args.sampler, steps=args.steps,
-                             seed=args.seed, spacing=args.spacing, bf16=args.bf16, **options)
+                             seed=args.seed, spacing=args.spacing, bf16=args.bf16,
+                             clip={"auto": None, "on": True, "off": False}[args.clip], **options)
     path = write_trajectory(traj, args.trajectory, min_width=0 if args.native_size else READABLE_WIDTH)
     return f"trajectory {path}"
 

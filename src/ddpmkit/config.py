@@ -67,7 +67,6 @@ def preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
-
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000                    # T, number of discrete diffusion steps
@@ -79,7 +78,8 @@ class DiffusionConfig:
     loss_weighting: str = "none"             # none | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0               # gamma of min-SNR weighting
     variance: str = "beta"                   # ancestral-sampler variance: beta (sigma^2=beta_t) | posterior (beta-tilde)
-    clip_denoised: bool = True               # clip predicted x0 to [-1, 1] while sampling
+    clip_denoised: bool = True               # sampling: clamp every x0 estimate to [-1, 1], inside ODE solvers too
+                                             # (changes their ODE; see samplers.py); `ddpm sample --clip` overrides
     learn_sigma: bool = False                # learn the reverse variance: hybrid loss of Nichol & Dhariwal (2021)
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda * L_vlb
     objective: str = "vp"                    # vp: discrete DDPM timesteps | edm: Karras et al. (2022) training
@@ -325,6 +325,9 @@ def validate(cfg: Config) -> Config:
            f"diffusion.sigma_min ({d.sigma_min}) must be > 0 and below sigma_max ({d.sigma_max})")
     _check(not (d.zero_terminal_snr and d.prediction == "eps"),
            "diffusion.zero_terminal_snr needs prediction v or x0 (eps is undefined at SNR 0)")
+    _check(not (d.zero_terminal_snr and d.learn_sigma),
+           "diffusion.learn_sigma cannot be combined with zero_terminal_snr (the variational bound's x0 "
+           "estimate is 0/0 at SNR 0); turn one of them off")
 
     _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")

@@ -8,6 +8,7 @@ D(x, sigma), the x0 estimate in variance-exploding coordinates that every sample
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -65,8 +66,13 @@ def _run(net: nn.Module, x: torch.Tensor, t: torch.Tensor, autocast_dtype: torch
 class EDMDenoiser(nn.Module):
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the preconditioning of Karras et al. (2022), Table 1.
 
-    c_noise = ln(sigma) / 4 is multiplied by 250 so the network's sinusoidal time embedding sees
-    a spread like that of DDPM timesteps (about -390..270 for sigma in [0.002, 80]).
+    c_noise = 1000 * ln(sigma) / 4 = 250 ln(sigma): Table 1's ln(sigma) / 4, scaled by 1000 so the
+    network's sinusoidal time embedding (built for DDPM's integer timesteps 0..999) sees values
+    of the same order: about -1550..1100 for sigma in [0.002, 80], -300 +- 300 for the training
+    distribution ln(sigma) ~ N(-1.2, 1.2^2). Checkpoints store networks trained on this c_noise.
+
+    `clip_denoised` clamps D to [-1, 1]. That is not part of EDM: inside an ODE solver it changes
+    the probability-flow ODE being solved (see `samplers`); it is a sampling option only.
     """
 
     discrete_sigmas = None
@@ -148,34 +154,45 @@ class VPDenoiser(nn.Module):
 
 
 class Diffusion:
-    """The seed tutorial's diffusion object: a linear-beta DDPM over `noise_steps` steps.
+    """The seed tutorial's diffusion object, configured by a `DiffusionConfig`.
 
     Holds the schedule (`beta`, `alpha`, `alpha_hat` as in the tutorial) and offers the forward
-    process and sampling; it delegates sampling to `samplers` through a `VPDenoiser`.
+    process and sampling; it delegates sampling to `samplers` through a `VPDenoiser` or an
+    `EDMDenoiser`. `Diffusion(cfg, img_size=..., channels=..., device=...)` takes a whole
+    config; the seed's keywords still work (`Diffusion(noise_steps=1000, beta_start=1e-4,
+    beta_end=0.02, img_size=64, device="cuda")`), and so does any DiffusionConfig field given by
+    name (`Diffusion(img_size=8, prediction="v")`), applied on top of `config`.
     """
 
-    def __init__(self, noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 img_size: int = 64, device: str | torch.device = "cpu", channels: int = 3,
-                 schedule: str = "linear", prediction: str = "eps", variance: str = "beta",
-                 clip_denoised: bool = True, zero_terminal_snr: bool = False, learned_variance: bool = False,
-                 objective: str = "vp", sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.objective, self.sigma_data, self.sigma_min, self.sigma_max = objective, sigma_data, sigma_min, sigma_max
-        self.noise_steps, self.beta_start, self.beta_end = noise_steps, beta_start, beta_end
+    def __init__(self, config: DiffusionConfig | None = None, *, img_size: int = 64,
+                 device: str | torch.device = "cpu", channels: int = 3, **fields):
+        if config is not None and not isinstance(config, DiffusionConfig):
+            raise TypeError(f"Diffusion's first argument is a DiffusionConfig, got {type(config).__name__}; "
+                            "pass the seed's settings by name, e.g. Diffusion(noise_steps=1000)")
+        if "noise_steps" in fields:  # the seed tutorial's name for diffusion.timesteps
+            fields["timesteps"] = fields.pop("noise_steps")
+        try:
+            cfg = dataclasses.replace(config or DiffusionConfig(), **fields)
+        except TypeError:
+            known = {f.name for f in dataclasses.fields(DiffusionConfig)} | {"noise_steps"}
+            raise TypeError(f"Diffusion() got unknown settings {sorted(set(fields) - known)}; "
+                            f"known: {sorted(known)}") from None
+        self.config = cfg
+        self.noise_steps, self.beta_start, self.beta_end = cfg.timesteps, cfg.beta_start, cfg.beta_end
         self.img_size, self.channels, self.device = img_size, channels, torch.device(device)
-        self.schedule, self.prediction, self.variance = schedule, prediction, variance
-        self.clip_denoised, self.learned_variance = clip_denoised, learned_variance
-        self.alpha_bar64 = schedules.alpha_bar_schedule(schedule, noise_steps, beta_start, beta_end, zero_terminal_snr)
+        self.schedule, self.prediction, self.variance = cfg.schedule, cfg.prediction, cfg.variance
+        self.clip_denoised, self.learned_variance = cfg.clip_denoised, cfg.learn_sigma
+        self.objective, self.sigma_data = cfg.objective, cfg.sigma_data
+        self.sigma_min, self.sigma_max = cfg.sigma_min, cfg.sigma_max
+        self.alpha_bar64 = schedules.alpha_bar_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end,
+                                                        cfg.zero_terminal_snr)
         self.beta = self.prepare_noise_schedule().to(self.device)
         self.alpha = 1.0 - self.beta
         self.alpha_hat = self.alpha_bar64.float().to(self.device)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig, img_size: int, channels: int, device="cpu") -> "Diffusion":
-        return cls(noise_steps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end, img_size=img_size,
-                   device=device, channels=channels, schedule=cfg.schedule, prediction=cfg.prediction,
-                   variance=cfg.variance, clip_denoised=cfg.clip_denoised, zero_terminal_snr=cfg.zero_terminal_snr,
-                   learned_variance=cfg.learn_sigma, objective=cfg.objective, sigma_data=cfg.sigma_data,
-                   sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+        return cls(cfg, img_size=img_size, channels=channels, device=device)
 
     def prepare_noise_schedule(self) -> torch.Tensor:
         """Betas of the schedule (the seed's method name)."""
@@ -195,21 +212,29 @@ class Diffusion:
         """Uniform timesteps over the full range 0..T-1 (the tutorial skipped t=0)."""
         return torch.randint(0, self.noise_steps, (n,), device=self.device)
 
-    def denoiser(self, model: nn.Module, bf16: bool = False) -> nn.Module:
-        """The network as D(x, sigma), the form every sampler takes."""
+    def denoiser(self, model: nn.Module, bf16: bool = False, clip: bool | None = None) -> nn.Module:
+        """The network as D(x, sigma), the form every sampler takes.
+
+        `clip` clamps every x0 estimate to [-1, 1] before the sampler uses it (None: the config's
+        `clip_denoised`). See `samplers` for what that does to each sampler.
+        """
         dtype = torch.bfloat16 if bf16 else None
+        clip = self.clip_denoised if clip is None else bool(clip)
         if self.objective == "edm":
-            return EDMDenoiser(model, self.sigma_data, self.sigma_min, self.sigma_max, self.clip_denoised, dtype)
-        return VPDenoiser(model, self.alpha_bar64, self.prediction, self.clip_denoised, self.learned_variance,
+            return EDMDenoiser(model, self.sigma_data, self.sigma_min, self.sigma_max, clip, dtype)
+        return VPDenoiser(model, self.alpha_bar64, self.prediction, clip, self.learned_variance,
                           dtype).to(self.device)
 
     @torch.inference_mode()
     def generate(self, model: nn.Module, n: int, sampler: str = "ddpm", steps: int | None = None,
                  seed: int | None = None, first_index: int = 0, batch_size: int | None = None,
-                 spacing: str | None = None, bf16: bool = False, progress: bool = True, **options) -> torch.Tensor:
+                 spacing: str | None = None, bf16: bool = False, progress: bool = True, clip: bool | None = None,
+                 **options) -> torch.Tensor:
         """`n` samples as float images in [-1, 1], shape (n, C, H, W), on the CPU.
 
-        Image k depends only on (seed, first_index + k), not on `batch_size`.
+        Image k depends only on (seed, first_index + k), not on `batch_size`. `steps` defaults to
+        the sampler's `SamplerSpec.default_steps`; `clip` as in `denoiser`. The returned images
+        are always clamped to [-1, 1]; `clip` decides whether the sampler's x0 estimates are.
         """
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -217,7 +242,7 @@ class Diffusion:
             options.setdefault("variance", self.variance if self.objective == "vp" else "posterior")
         was_training = model.training
         model.eval()
-        denoiser = self.denoiser(model, bf16)
+        denoiser = self.denoiser(model, bf16, clip)
         batch_size = batch_size or n
         chunks = []
         try:
