@@ -216,8 +216,10 @@ def new_history() -> dict[str, list[tuple[int, float]]]:
     return {key: [] for key in HISTORY_KEYS}
 
 
-def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: torch.device) -> dict[str, Any]:
-    """The checkpoint dict of a training state; `restore_training` reads it back."""
+def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: torch.device,
+                        task_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict of a training state; `restore_training` reads it back. `task_state` is a
+    non-default task's own content (tasks.Task.extra_state), stored as "task_state" when not empty."""
     ema = state.ema.model.state_dict() if state.ema is not None else None
     return {
         "format_version": FORMAT_VERSION,
@@ -236,17 +238,19 @@ def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: t
         "nonfinite_skipped": state.skipped,
         "history": {key: [(int(s), float(v)) for s, v in points] for key, points in state.history.items()},
         "rng_state": rng_state(device),
+        **({"task_state": task_state} if task_state else {}),
     }
 
 
-def save_training(path: Path, state, cfg: Config, world: int, n_images: int, device: torch.device) -> None:
+def save_training(path: Path, state, cfg: Config, world: int, n_images: int, device: torch.device,
+                  task_state: dict[str, Any] | None = None) -> None:
     """Write the training state to `path` atomically; non-finite weights are refused, not written."""
     # A step can pass the gradient check and still overflow the weights (absurd lr / decay).
     nets = [state.model] + ([state.ema.model] if state.ema is not None else [])
     if not all(torch.isfinite(p).all() for net in nets for p in net.parameters()):
         raise DdpmError(f"the weights became non-finite at step {state.step} (learning rate or weight decay too "
                         f"large?); not saving them, the last good checkpoint is {path}")
-    atomic_save(training_checkpoint(state, cfg, world, n_images, device), path)
+    atomic_save(training_checkpoint(state, cfg, world, n_images, device, task_state), path)
 
 
 def position_of(ckpt: dict[str, Any] | None) -> tuple | None:

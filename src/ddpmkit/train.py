@@ -20,7 +20,9 @@ progress; a stop signal on any process stops all at the same step.
 
 The loop is a `_Trainer` around a `TrainState` (what a checkpoint holds: checkpoint.py writes and
 reads it): set-up (load data, build, restore, wrap for DDP), then epochs of micro-batches,
-optimizer steps, logging and periodic actions (checkpoint, sample grid, evaluation).
+optimizer steps, logging and periodic actions (checkpoint, sample grid, evaluation). What is
+trained -- data, model, loss, grids, extra checkpoint content -- is a `tasks.Task`; the default
+is `ddpm train`, and other commands pass their own (`train(cfg, ckpt, task=...)`).
 """
 from __future__ import annotations
 
@@ -44,14 +46,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (check_channels, config_of, load_checkpoint, model_from_config, new_history, position_of,
-                         restore_training, save_training)
+from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
+                         save_training)
 from .config import Config, apply_overrides, validate
-from .data import epoch_batches, epoch_labels, load_data, num_batches
+from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
 from .images import make_grid, save_images
-from .losses import make_loss, take_rows
+from .losses import take_rows
+from .tasks import Task
 
 
 @dataclass
@@ -256,8 +259,10 @@ class _Window:
 
 
 def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.write,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, task: Task | None = None) -> dict[str, Any]:
     """Train until cfg.train.epochs are done (or a stop signal); returns a summary dict.
+
+    `task` says what is trained (tasks.Task; None: `ddpm train`'s diffusion model on the images).
 
     Started by torchrun with WORLD_SIZE > 1, this joins the process group (NCCL on GPU, gloo on
     CPU), trains with DistributedDataParallel and leaves the group at the end; a failed peer
@@ -267,7 +272,8 @@ def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.
     ctx = distributed.setup(cfg.train.device)
     try:
         with distributed.translate_errors(ctx):
-            trainer = _Trainer(cfg, ckpt, ctx, log if ctx.is_main else _quiet, progress and ctx.is_main)
+            trainer = _Trainer(cfg, ckpt, ctx, log if ctx.is_main else _quiet, progress and ctx.is_main,
+                               task or Task())
             return trainer.run()
     finally:
         ctx.close()
@@ -277,8 +283,8 @@ class _Trainer:
     """One run of the training loop: `__init__` sets it up, `run` trains."""
 
     def __init__(self, cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, log: Callable,
-                 progress: bool):
-        self.ctx, self.log, self.progress = ctx, log, progress
+                 progress: bool, task: Task | None = None):
+        self.ctx, self.log, self.progress, self.task = ctx, log, progress, task or Task()
         self.device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
         self.paths = RunPaths.of(cfg)
         ctx.check_same("run config", cfg.to_dict())
@@ -288,9 +294,7 @@ class _Trainer:
         self.global_batch = cfg.train.batch_size * ctx.world
         self.n_batches = num_batches(len(self.data), cfg.train.batch_size, ctx.world)
         self.state, self.diffusion = self._build()
-        dc = cfg.diffusion
-        self.loss_fn = make_loss(self.diffusion, dc.loss_weighting, dc.min_snr_gamma, dc.vlb_weight, dc.p_mean,
-                                 dc.p_std)
+        self.loss_fn = self.task.make_loss(self.diffusion, self.cfg)
         self.draw_gen = torch.Generator(device=self.device)  # reseeded per global batch (draw_seed)
         self._restore(ckpt)
         self.net = self._wrap_for_ddp()
@@ -302,13 +306,14 @@ class _Trainer:
         self.stopping = False
         self.steps_tried = self.steps_taken = 0
         self.last_ckpt_time = self.last_curves_time = time.monotonic()
+        self.task.start(self)
 
     # --- set-up ---
 
     def _load_data(self, cfg: Config):
         """The decoded images (one process builds a file cache first), and cfg with their channel count."""
         with self.ctx.local_main_first() if cfg.data.cache_dir else contextlib.nullcontext():
-            data = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, self.log)
+            data = self.task.data(cfg, self.log)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channels=data.channels))
         return _with_classes(cfg, data), data
 
@@ -318,7 +323,7 @@ class _Trainer:
         torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
-        model, diffusion = model_from_config(self.cfg, self.device)
+        model, diffusion = self.task.build(self.cfg, self.device)
         model.train()
         ema = EMA(model, t.ema_decay) if t.ema_decay > 0 and self.ctx.is_main else None
         flag = getattr(t, "grad_checkpoint", None)
@@ -337,6 +342,8 @@ class _Trainer:
                      f"{self.cfg.data.image_size}x{data.channels} from {self.cfg.data.path}, model "
                      f"'{self.cfg.model.size}' ({n_params:.2f}M parameters) on {self.device}")
             return
+        if ckpt.get("task_state") is not None:
+            self.task.load_extra_state(ckpt["task_state"])
         note = restore_training(self.state, ckpt, self.cfg, len(data), self.ctx.world, self.device, self.paths.ckpt)
         s = self.state
         self.log(f"resuming run '{t.run_name}' from {self.paths.ckpt}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
@@ -386,7 +393,7 @@ class _Trainer:
                             f"data and the diffusion settings")
         if status == "stopped":
             self.log(f"stopped at epoch {s.epoch}, step {s.step}; checkpoint saved to {self.paths.ckpt}. "
-                     f"Run the same `ddpm train` command again to resume.")
+                     f"Run the same `{self.task.command}` command again to resume.")
         return {"status": status, "epoch": s.epoch, "step": s.step, "ckpt": self.paths.ckpt,
                 "nonfinite_skipped": s.skipped}
 
@@ -396,8 +403,7 @@ class _Trainer:
         bar = tqdm(total=self.n_batches, initial=s.batch, desc=f"epoch {s.epoch}", unit="batch",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         self.window = _Window(torch.zeros((), device=self.device))
-        batches = epoch_batches(self.data, t.batch_size, t.seed, s.epoch, s.batch, self.cfg.data.hflip,
-                                rank=ctx.rank, world=ctx.world, device=self.device)
+        batches = self.task.batches(self.data, self.cfg, s.epoch, s.batch, ctx.rank, ctx.world, self.device)
         labels = (epoch_labels(self.data, t.batch_size, t.seed, s.epoch, s.batch, ctx.rank, ctx.world, self.device)
                   if self.cfg.model.num_classes else itertools.repeat(None))
         try:
@@ -409,6 +415,7 @@ class _Trainer:
                 norm = self._optimizer_step()
                 if norm is None:
                     continue
+                self.task.after_step(self)
                 self.stopping = ctx.any(self.stop.requested)  # a signal on any rank stops all ranks at this step
                 if s.step % t.log_every == 0:
                     self._log(norm, bar)
@@ -525,7 +532,8 @@ class _Trainer:
 
     def _save(self) -> None:
         if self.ctx.is_main:
-            save_training(self.paths.ckpt, self.state, self.cfg, self.ctx.world, len(self.data), self.device)
+            save_training(self.paths.ckpt, self.state, self.cfg, self.ctx.world, len(self.data), self.device,
+                          self.task.extra_state())
             self._write_curves()
         self.last_ckpt_time = time.monotonic()
 
@@ -549,6 +557,13 @@ class _Trainer:
     def _grid(self, name: str) -> None:
         if not self.ctx.is_main:  # the other ranks go on and wait for rank 0 at the next all-reduce
             return
+        images = self.task.grid(self, name)
+        if images is not None:
+            self.writer.add_image("samples", make_grid(images), self.state.step, dataformats="HWC")
+
+    def diffusion_grid(self, name: str) -> torch.Tensor:
+        """`ddpm train`'s grid: sample_n images of the EMA model with the grid sampler, saved as
+        results/RUN/NAME.jpg; returns them (uint8)."""
         t = self.cfg.train
         if self.cfg.model.num_classes:
             images = self._class_grid(name)
@@ -557,7 +572,7 @@ class _Trainer:
                                            steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
                                            bf16=t.bf16, progress=False)
             save_images(images, self.paths.results / f"{name}.jpg")
-        self.writer.add_image("samples", make_grid(images), self.state.step, dataformats="HWC")
+        return images
 
     def _class_grid(self, name: str) -> torch.Tensor:
         """A conditional model's grid: one row per class (at least one image each, about sample_n in
