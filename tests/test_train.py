@@ -224,3 +224,16 @@ def test_trainer_applies_grad_checkpointing_from_the_config(image_folder, tmp_pa
     monkeypatch.setattr(UNet, "set_grad_checkpointing", lambda self, flag=True: (flags.append(flag), real(self, flag)))
     run(overrides(image_folder, tmp_path, epochs=1, grad_checkpoint=True))
     assert flags == [True]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_grids_are_readable_unless_native(image_folder, tmp_path, native):
+    ov = overrides(image_folder, tmp_path, epochs=1, sample_every_epochs=1, sample_n=4, sample_steps=2,
+                   native_grids=native)
+    run(ov)
+    from PIL import Image
+
+    with Image.open(tmp_path / "results" / "r" / "0.jpg") as img:
+        width = img.size[0]
+    # 2x2 grid of 8 px images with 2 px padding = 22 px native; enlarged by a whole factor to >= 256.
+    assert width == (22 if native else 22 * 12)

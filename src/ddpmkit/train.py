@@ -52,7 +52,7 @@ from .config import Config, apply_overrides, validate
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
-from .images import make_grid, save_images
+from .images import READABLE_WIDTH, make_grid, save_images
 from .losses import take_rows
 from .tasks import Task
 
@@ -571,7 +571,7 @@ class _Trainer:
             images = self.diffusion.sample(self._sampling_model(), t.sample_n, sampler=t.sample_sampler,
                                            steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
                                            bf16=t.bf16, progress=False)
-            save_images(images, self.paths.results / f"{name}.jpg")
+            save_images(images, self.paths.results / f"{name}.jpg", min_width=0 if t.native_grids else READABLE_WIDTH)
         return images
 
     def _class_grid(self, name: str) -> torch.Tensor:
@@ -585,7 +585,7 @@ class _Trainer:
                           labels=class_rows(m.num_classes, per_class), sampler=t.sample_sampler,
                           steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed, bf16=t.bf16)
         save_labelled_grid(images, class_names(m), per_class, self.paths.results / f"{name}.jpg",
-                           min_width=0 if getattr(t, "native_grids", False) else 256)
+                           min_width=0 if t.native_grids else READABLE_WIDTH)
         return images
 
     def _evaluate(self) -> None:
