@@ -57,6 +57,17 @@ def test_reference_key_changes_with_folder_contents(tmp_path):
     assert scoring.reference_key(str(tmp_path / "ref"), 16, 1) != before
 
 
+def test_reference_key_of_array_files_depends_on_the_file(tmp_path):
+    # Two different .npy files at the same size must not share cached reference statistics.
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(a, np.zeros((4, 8, 8), np.uint8))
+    np.save(b, np.full((4, 8, 8), 255, np.uint8))
+    key_a = scoring.reference_key(str(a), 8, 1)
+    assert key_a != scoring.reference_key(str(b), 8, 1)
+    np.save(a, np.ones((5, 8, 8), np.uint8))  # rewritten: new size and mtime
+    assert scoring.reference_key(str(a), 8, 1) != key_a
+
+
 def test_eval_bad_inputs(tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "f.npy", np.zeros((4, 16, 16, 1), np.float32))
     assert main(["eval", "--samples", str(tmp_path / "f.npy"), "--ref", "builtin:digits",

@@ -51,11 +51,14 @@ def make_extractor(name: str = "auto", inception_path: str | None = None,
 
 
 def reference_key(ref: str, size: int, channels: int) -> str:
-    """Identifies the reference images: a builtin's name, or a folder's file list with sizes and mtimes."""
+    """Identifies the reference images: a builtin's name, or the files (a folder's images, or one array file)
+    with their sizes and mtimes."""
     if ref.startswith("builtin:"):
         return f"{ref}|{size}|{channels}"
     entries = []
-    for p in list_images(ref):
+    # An array file (.npy, .npz, IDX) is keyed by itself; a folder by its image files.
+    files = [Path(ref).resolve()] if Path(ref).is_file() else list_images(ref)
+    for p in files:
         try:
             st = p.stat()
             entries.append((str(p), st.st_size, st.st_mtime_ns))
