@@ -113,7 +113,7 @@ def markdown(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=600_000, help="training images seen (default: 600000)")
+    p.add_argument("--images", type=int, default=300_000, help="training images per model (default: 300000)")
     p.add_argument("--model-size", default="tiny")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n", type=int, default=1000, help="samples per table row (default: 1000)")

@@ -266,3 +266,11 @@ def test_cli_labelled_grid_and_edit(checkpoints, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out).convert("L")), np.full((8, 8), 200))
     with pytest.raises(DdpmError, match="no class labels"):
         list(epoch_labels(ImageData(np.zeros((2, 4, 4, 1), np.uint8), "x"), 1, 0, 0))
+
+
+def test_train_flags_parse():
+    from ddpmkit.cli import build_parser, train_overrides
+
+    args = build_parser().parse_args(["train", "--class-cond", "--cond-drop", "0.2"])
+    assert train_overrides(args)["train"] == {"class_cond": "true", "cond_drop": 0.2}
+    assert "class_cond" not in train_overrides(build_parser().parse_args(["train"])).get("train", {})

@@ -53,7 +53,11 @@ class InpaintDenoiser(nn.Module):
 
 def with_resampling(sampler_fn, resample: int):
     """A sampler that runs `sampler_fn` one step at a time, each step `resample` times with RePaint's
-    re-noising in between (Lugmayr et al. 2022, Alg. 1, lines 4-9 with jump length 1)."""
+    re-noising in between (Lugmayr et al. 2022, Alg. 1, lines 4-9 with jump length 1).
+
+    Each step is a fresh call on two noise levels, so multistep solvers (dpm++2m/3m) take their
+    first-order step there and Heun's last-step rule applies to every step: RePaint itself uses
+    ancestral DDPM steps, which lose nothing this way."""
     if resample <= 1:
         return sampler_fn
 
