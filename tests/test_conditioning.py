@@ -274,3 +274,12 @@ def test_train_flags_parse():
     args = build_parser().parse_args(["train", "--class-cond", "--cond-drop", "0.2"])
     assert train_overrides(args)["train"] == {"class_cond": "true", "cond_drop": 0.2}
     assert "class_cond" not in train_overrides(build_parser().parse_args(["train"])).get("train", {})
+
+
+def test_export_keeps_the_classes(checkpoints, tmp_path, capsys):
+    folder = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(checkpoints[1]), "--out", str(folder)]) == 0
+    model, _, cfg = load_model(folder)
+    assert cfg.model.class_names == ("bottom", "top") and model.num_classes == 2
+    assert main(["sample", "--model", str(folder), "--class", "top", "-n", "2", "--steps", "2", "--sampler", "ddim",
+                 "--out", str(tmp_path / "s.png"), "--no-progress", "--device", "cpu"]) == 0
