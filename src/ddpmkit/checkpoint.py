@@ -184,13 +184,18 @@ def resume_batch(ckpt: dict[str, Any], n_images: int, batch_size: int, grad_accu
 # --- models ----------------------------------------------------------------------------------
 
 def model_from_config(cfg: Config, device: str | torch.device = "cpu"):
-    """Build an untrained network and its Diffusion on `device` from a config whose data.channels is resolved."""
+    """Build an untrained network and its Diffusion on `device` from a config whose data.channels is resolved.
+
+    For a latent run (config.autoencoder.path set) both work on latents; `loading.load_model`
+    then attaches the stored decoder (latent.attach_decoder)."""
     from .diffusion import Diffusion
     from .models.registry import build_model
 
-    channels = cfg.data.channels or 3
+    channels, size = cfg.data.channels or 3, cfg.data.image_size
+    if cfg.autoencoder.path:  # latent diffusion (latent.py): the network works on the autoencoder's latents
+        channels, size = cfg.autoencoder.latent_channels, size // cfg.autoencoder.downsample
     model = build_model(cfg.model, channels, channels * 2 if cfg.diffusion.learn_sigma else channels)
-    diffusion = Diffusion.from_config(cfg.diffusion, cfg.data.image_size, channels, device)
+    diffusion = Diffusion.from_config(cfg.diffusion, size, channels, device)
     return model.to(device), diffusion
 
 

@@ -106,8 +106,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Config file values, then explicitly given flags, then --set pairs."""
     overrides = load_file(args.config) if args.config else {}
     flags: dict[str, dict[str, Any]] = {}
-    for flag, section, key, _, _ in TRAIN_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for flag, section, key, _, _ in TRAIN_FLAGS + AE_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             flags.setdefault(section, {})[key] = value
     return _merge(_merge(overrides, flags), _parse_set(args.set or []))
@@ -127,30 +127,64 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ddpm: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
+def _add_train_args(p: argparse.ArgumentParser, flags=None) -> None:
+    """--config, the TRAIN_FLAGS (or `flags`), --set, --fresh and --no-progress."""
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with [model] [diffusion] [data] [train]")
+    for flag, section, key, typ, text in flags or TRAIN_FLAGS:
+        kind = "true/false" if typ is bool else typ.__name__
+        p.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
+                       else "BOOL", help=f"{text} (default: {_default(section, key)})",
+                       **({"nargs": "?", "const": "true"} if flag == "--class-cond" else {}))
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="start over even if the run has a checkpoint "
+                   "(the old one is kept as ckpt.prev.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# `ddpm train-ae`: the training flags that concern an autoencoder run, and its own.
+AE_FLAGS = [f for f in TRAIN_FLAGS if f[1] in ("data", "train") and f[0] not in (
+    "--class-cond", "--cond-drop", "--eval-every-steps", "--eval-n", "--eval-extractor", "--sample-sampler",
+    "--sample-steps")] + [
+    ("--downsample", "autoencoder", "downsample", int, "image side / latent side: 2 | 4 | 8"),
+    ("--latent-channels", "autoencoder", "latent_channels", int, "channels of the latent"),
+    ("--ae-channels", "autoencoder", "base_channels", int, "encoder/decoder width at full resolution"),
+    ("--kl-weight", "autoencoder", "kl_weight", float, "weight of the KL term against the L1 reconstruction loss"),
+    ("--disc-weight", "autoencoder", "disc_weight", float, "patch discriminator's adversarial weight (0 = off)"),
+    ("--disc-start", "autoencoder", "disc_start", int, "optimizer step where the discriminator starts"),
+]
+
+TRAIN_AE_EXAMPLES = """examples:
+  ddpm train-ae --data builtin:shapes --image-size 64 --downsample 4 --run-name ae64 --epochs 20 --batch-size 32
+  ddpm train --autoencoder models/ae64/ckpt.pt --data builtin:shapes --model-size tiny --run-name ldm64
+"""
+
+
+def _add_train_ae_parser(sub, fmt) -> None:
+    p = sub.add_parser("train-ae", help="train the autoencoder of a latent diffusion model", formatter_class=fmt,
+                       epilog=TRAIN_AE_EXAMPLES, description="Train a small KL autoencoder (L1 + KL, optional "
+                       "patch discriminator) with the same checkpoints, resume, grids (input | reconstruction) and "
+                       "TensorBoard logs as `ddpm train`; then `ddpm train --autoencoder` trains on its latents.")
+    _add_train_args(p, AE_FLAGS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .samplers import SAMPLERS, SPACINGS, describe_defaults
 
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,edit,eval,export}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,train-ae,sample,edit,eval,export}",
                                 parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
     tr = sub.add_parser("train", help="train a model (resumes a run that exists)", epilog=TRAIN_EXAMPLES,
                         formatter_class=fmt, description="Train a DDPM. Flags override --config, which overrides "
                         "the defaults (the seed tutorial's launch() values); an existing run resumes.")
-    tr.add_argument("--config", metavar="FILE", help="TOML or YAML file with [model] [diffusion] [data] [train]")
-    for flag, section, key, typ, text in TRAIN_FLAGS:
-        kind = "true/false" if typ is bool else typ.__name__
-        tr.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
-                        else "BOOL", help=f"{text} (default: {_default(section, key)})",
-                        **({"nargs": "?", "const": "true"} if flag == "--class-cond" else {}))
-    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                    help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
-    tr.add_argument("--fresh", action="store_true", help="start over even if the run has a checkpoint "
-                    "(the old one is kept as ckpt.prev.pt)")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_args(tr)
+    tr.add_argument("--autoencoder", metavar="AE_CKPT", help="train on the latents of this `ddpm train-ae` "
+                    "checkpoint (latent diffusion); its image size and channels are the defaults")
+    _add_train_ae_parser(sub, fmt)
 
     sa = sub.add_parser("sample", help="draw images from a checkpoint", epilog=SAMPLE_EXAMPLES, formatter_class=fmt,
                         description="Draw images from a checkpoint's EMA weights. The model is rebuilt from the "
@@ -225,16 +259,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runlock import RunLock
     from .train import RunPaths, prepare, train
 
+    from . import latent
+
     overrides = train_overrides(args)
+    if getattr(args, "autoencoder", None):
+        overrides = latent.latent_overrides(args.autoencoder, overrides)
+    if args.command == "train-ae":
+        overrides = latent.autoencoder_overrides(overrides)
     cfg = prepare(overrides, fresh=True)[0]  # validates, and names the run without reading it yet
     path = RunPaths.of(cfg).ckpt
     rank0 = env_world()[0] == 0
     with RunLock(path.parent, cfg.train.run_name) if rank0 else contextlib.nullcontext():
         cfg, ckpt = prepare(overrides, fresh=args.fresh)
+        task = latent.task_for(args.command, cfg, ckpt, path)  # None: the default, `ddpm train`
         if args.fresh and path.exists() and rank0:
             path.replace(path.with_name("ckpt.prev.pt"))
             print(f"--fresh: moved the old checkpoint to {path.with_name('ckpt.prev.pt')}")
-        summary = train(cfg, ckpt, progress=not args.no_progress)
+        summary = train(cfg, ckpt, progress=not args.no_progress, task=task)
     if summary["status"] == "finished" and rank0:
         print(f"done: {summary['epoch']} epochs, {summary['step']} steps; checkpoint {summary['ckpt']}")
     return 0
@@ -364,7 +405,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
     out = export_model(args.ckpt, args.out, ema=not args.no_ema)
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    ae = out / "autoencoder.safetensors"
+    print(f"wrote {out / 'model.safetensors'}{', ' + str(ae) if ae.is_file() else ''} and {out / 'config.json'}")
     return 0
 
 
@@ -377,7 +419,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return guidance_commands.edit(args, load)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "train-ae": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,11 +135,24 @@ class TrainConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """The latent-diffusion autoencoder (`ddpm train-ae`), and in a diffusion run the one it trains in."""
+    path: str = ""                           # diffusion run: the `ddpm train-ae` checkpoint of its latents ("" = pixels)
+    downsample: int = 4                      # image side / latent side: 2 | 4 | 8 (LDM's KL-f4, KL-f8)
+    latent_channels: int = 4                 # channels of the latent
+    base_channels: int = 32                  # encoder/decoder width at full resolution (x1, x2, x2, x4 per level)
+    kl_weight: float = 1e-6                  # weight of KL(q(z|x) || N(0, I)) against the L1 loss (LDM's 1e-6)
+    disc_weight: float = 0.0                 # weight of the patch discriminator's hinge loss; 0 = no discriminator
+    disc_start: int = 5000                   # optimizer step from which the discriminator loss counts
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = dataclasses.asdict(self)
@@ -151,7 +164,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_TYPES = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+_SECTION_TYPES = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
+                  "autoencoder": AutoencoderConfig}
 
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
@@ -272,6 +286,19 @@ def _check(ok: bool, message: str) -> None:
         raise DdpmError(message)
 
 
+def _check_autoencoder(cfg: Config) -> None:
+    ae, size = cfg.autoencoder, cfg.data.image_size
+    _check(ae.downsample in (2, 4, 8), f"autoencoder.downsample must be 2, 4 or 8, got {ae.downsample}")
+    f = ae.downsample
+    _check(not ae.path or (size % f == 0 and size // f >= 2),
+           f"image size {size} is not a multiple of the autoencoder's downsample factor {f} (with a latent "
+           f"of at least 2x2); use e.g. --image-size {max(2 * f, size // f * f)}")
+    _check(ae.latent_channels >= 1, f"autoencoder.latent_channels must be >= 1, got {ae.latent_channels}")
+    _check(ae.base_channels >= 4, f"autoencoder.base_channels must be >= 4, got {ae.base_channels}")
+    _check(ae.kl_weight >= 0 and ae.disc_weight >= 0 and ae.disc_start >= 0,
+           "autoencoder.kl_weight, disc_weight and disc_start must be >= 0")
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible values with a message that names the field and the allowed range."""
     from .samplers import SAMPLERS
@@ -332,9 +359,12 @@ def validate(cfg: Config) -> Config:
     _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
     factor = 2 ** (levels - 1)
-    _check(data.image_size % factor == 0,
-           f"image size {data.image_size} is not divisible by {factor}, which the model's "
-           f"{levels - 1} downsamplings need; use a multiple of {factor} (e.g. {max(factor, data.image_size // factor * factor)})")
+    _check_autoencoder(cfg)
+    size = data.image_size // cfg.autoencoder.downsample if cfg.autoencoder.path else data.image_size
+    _check(size % factor == 0,
+           f"{'latent' if cfg.autoencoder.path else 'image'} size {size} is not divisible by {factor}, which the "
+           f"model's {levels - 1} downsamplings need; use a multiple of {factor} "
+           f"(e.g. {max(factor, size // factor * factor)})")
     _check(data.channels in (0, 1, 3), f"data.channels must be 1, 3 or 0 (auto), got {data.channels}")
 
     _check(bool(t.run_name) and "/" not in t.run_name and "\\" not in t.run_name and t.run_name not in (".", ".."),

@@ -252,12 +252,16 @@ class Diffusion:
                 x = samplers.run(denoiser, (b, self.channels, self.img_size, self.img_size), sampler, steps,
                                  seed=seed, first_index=first_index + start, spacing=spacing, device=self.device,
                                  **options)
-                chunks.append(x.clamp(-1, 1).cpu())
+                chunks.append(self.to_images(x).cpu())
                 bar.update(b)
             bar.close()
         finally:
             model.train(was_training)
         return torch.cat(chunks)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's final x as images in [-1, 1]: clamped here; a latent model decodes (latent.py)."""
+        return x.clamp(-1, 1)
 
     def sample(self, model: nn.Module, n: int, **kwargs) -> torch.Tensor:
         """The seed's call: `n` samples as uint8 images (n, C, H, W); keyword arguments as in `generate`."""

@@ -1,7 +1,9 @@
 """Export a checkpoint's weights as safetensors plus a JSON config, and load them back.
 
 The exported folder holds no pickled data at all: `model.safetensors` (tensors only) and
-`config.json` (the run's full config), so it can be shared and loaded without trust.
+`config.json` (the run's full config), so it can be shared and loaded without trust. A latent
+diffusion model adds `autoencoder.safetensors` (its decoder) and the latents' scale factor in
+config.json.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from .checkpoint import load_checkpoint, load_state, model_from_config, config_o
 from .config import from_dict, validate
 from .errors import DdpmError
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, AUTOENCODER = "model.safetensors", "config.json", "autoencoder.safetensors"
 EXPORT_VERSION = 1
 
 
 def export_model(ckpt_path: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
     """Write OUT_DIR/model.safetensors and OUT_DIR/config.json from a checkpoint (EMA weights by default)."""
+    from .latent import refuse_autoencoder_checkpoint
+
     ckpt = load_checkpoint(ckpt_path)
+    refuse_autoencoder_checkpoint(ckpt, ckpt_path)
     cfg = config_of(ckpt, ckpt_path)
     key = "ema_state_dict" if ema and ckpt.get("ema_state_dict") is not None else "model_state_dict"
     model, _ = model_from_config(cfg)
@@ -37,10 +42,24 @@ def export_model(ckpt_path: str | Path, out_dir: str | Path, ema: bool = True) -
         os.replace(tmp, out_dir / WEIGHTS)
         meta = {"export_version": EXPORT_VERSION, "weights": key.split("_")[0], "config": cfg.to_dict(),
                 "global_step": ckpt.get("global_step")}
+        if cfg.autoencoder.path:  # latent diffusion: the decoder and the latents' scale go along
+            meta["scale_factor"] = _export_autoencoder(ckpt, cfg, ckpt_path, out_dir)
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as exc:
         raise DdpmError(f"cannot write the export to {out_dir}: {os.strerror(exc.errno) if exc.errno else exc}") from None
     return out_dir
+
+
+def _export_autoencoder(ckpt: dict, cfg, ckpt_path, out_dir: Path) -> float:
+    """Write a latent run's autoencoder as OUT_DIR/autoencoder.safetensors; returns its scale factor."""
+    from .latent import attach_decoder, latent_parts
+
+    state, scale = latent_parts(ckpt)
+    ae = attach_decoder(model_from_config(cfg)[1], cfg, state, scale, ckpt_path).autoencoder  # checks the weights fit
+    tmp = out_dir / f".{AUTOENCODER}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(tmp), metadata={"format": "ddpmkit"})
+    os.replace(tmp, out_dir / AUTOENCODER)
+    return float(scale)
 
 
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
@@ -55,10 +74,19 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu"):
         cfg = validate(from_dict(meta["config"]))
     except (ValueError, KeyError, TypeError, AttributeError, DdpmError) as exc:
         raise DdpmError(f"{config} is not a valid ddpmkit export config ({' '.join(str(exc).split())[:160]})") from None
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DdpmError(f"{weights} is damaged ({' '.join(str(exc).split())[:120]})") from None
+    state = _read_weights(weights)
     model, diffusion = model_from_config(cfg, device)
     load_state(model, state, weights)
+    if cfg.autoencoder.path:  # latent diffusion: decode with the exported autoencoder
+        from .latent import attach_decoder
+
+        ae_state = _read_weights(model_dir / AUTOENCODER) if (model_dir / AUTOENCODER).is_file() else None
+        diffusion = attach_decoder(diffusion, cfg, ae_state, meta.get("scale_factor"), model_dir)
     return model.eval(), diffusion, cfg
+
+
+def _read_weights(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DdpmError(f"{path} is damaged ({' '.join(str(exc).split())[:120]})") from None

@@ -11,19 +11,24 @@ import torch
 
 from .checkpoint import config_of, load_checkpoint, load_state, model_from_config
 from .export import load_exported
+from .latent import attach_decoder, latent_parts, refuse_autoencoder_checkpoint
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
     """Rebuild (model, diffusion, config) from a checkpoint alone (the EMA weights by default),
     or from a folder written by `ddpm export`.
 
-    The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it.
+    The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it (a
+    latent model's diffusion is a `latent.LatentDiffusion`, which decodes its samples).
     """
     if Path(path).is_dir():
         return load_exported(path, device)
     ckpt = load_checkpoint(path)
+    refuse_autoencoder_checkpoint(ckpt, path)
     cfg = config_of(ckpt, path)
     model, diffusion = model_from_config(cfg, device)
     key = "ema_state_dict" if ema and ckpt.get("ema_state_dict") is not None else "model_state_dict"
     load_state(model, ckpt[key], path, "EMA" if key.startswith("ema") else "model")
+    if cfg.autoencoder.path:  # latent diffusion: sampling decodes with the autoencoder stored in the checkpoint
+        diffusion = attach_decoder(diffusion, cfg, *latent_parts(ckpt), path)
     return model.eval(), diffusion, cfg
