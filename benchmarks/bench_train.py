@@ -1,257 +1,291 @@
-"""ddpmkit's `cifar` UNet against diffusers' UNet2DModel: training img/s, peak memory, sampling speed.
+"""ddpmkit (its real `ddpm train` / `ddpm sample` code paths) against diffusers' UNet2DModel training
+example: training img/s, sampling img/s and images x NFE/s, peak memory, and the ratios.
 
-    python -m venv /tmp/benchenv --system-site-packages      # keeps the installed torch
-    /tmp/benchenv/bin/pip install diffusers                   # check first: pip install --dry-run diffusers
-    /tmp/benchenv/bin/python benchmarks/bench_train.py        # the table in benchmarks/README.md
+    pip install --dry-run diffusers   # benchmark-only; the list must not contain torch
+    python benchmarks/bench_train.py --model-size tiny --image-size 16 --channels 1 --data digits \\
+        --batch-size 64 --steps 20 --bf16 both --threads 2
 
-Both networks run in the same harness, so only the network differs: a DDPM training step (x_t
-from random 32x32 RGB data, eps-prediction MSE of Ho et al. 2020 Eq. 14, backward, gradient
-clipping, AdamW, the weights' EMA) at the same batch size and precision; and for sampling, one
-network evaluation of a batch in inference mode (what every sampler step costs), reported as
-images x steps per second. diffusers' model is a DDPM-CIFAR-10 layout (the google/ddpm-cifar10-32
-blocks, attention at 16x16) narrowed to (128, 256, 224, 224) channels so that its parameter count
-is within 5% of ours (checked below).
+ddpmkit side: the workers of bench_speed.py (read its docstring): `ddpmkit.train.prepare` +
+`ddpmkit.train.train` on a temporary .npy of (warm-up + steps) x batch images, one epoch, the
+median of the trainer's own logged img/s over the timed steps; then `load_model` +
+`Diffusion.generate` with --sampler (default dpm++2m, 20 steps).
 
-Each configuration runs in a fresh subprocess, so peak memory (VmHWM from /proc, reset after the
-model is built via /proc/self/clear_refs) is that configuration's own. "default" is fp32 in
-contiguous layout; the other rows add bf16 autocast and channels_last, and "best" is each
-network's fastest row. torch.compile is left out by default: on the 2-core CPU of the README it
-took 139 s to compile the forward pass alone and then ran slower than eager (--compile adds it).
-Run it on a quiet machine; another process on the same cores distorts every number.
+diffusers side, written here after diffusers' unconditional training example
+(examples/unconditional_image_generation/train_unconditional.py) without accelerate:
+`UNet2DModel`, `DDPMScheduler(1000, "linear")`, eps-prediction MSE, AdamW (lr 1e-4, betas
+(0.95, 0.999), weight decay 1e-6, eps 1e-8), cosine LR schedule with 500 warm-up steps, gradient
+clipping at 1, `EMAModel` (decay 0.9999, EMA warm-up, power 3/4), and the loss read back every
+step as the example logs it; bf16 is `torch.autocast("cpu", bfloat16)` around the network, which
+is what accelerate's `mixed_precision="bf16"` does on a CPU. Batches are drawn from the same .npy
+in a random order. Each optimizer step is timed with perf_counter, and the figure is the median
+of batch / step time over the timed steps (the same per-step measure as ddpmkit's log). Sampling:
+`DPMSolverMultistepScheduler` (dpmsolver++, order 2; only dpm++2m has this counterpart) at the same
+steps and batch, timed like ddpmkit's.
+
+The network mirrors the ddpmkit preset's layout: as many levels, the same channel multipliers
+(levels at the largest multiplier may be narrowed), attention at the same levels with the same
+head count, num_res_blocks ResNet blocks per level, the preset's dropout; the base width is
+chosen so that the parameter count is within 10% of ddpmkit's (checked; the script stops if not).
+
+Only flag sets the CLI offers are compared: fp32 (the default) and bf16 (`ddpm train --bf16 true`,
+`ddpm sample --bf16`). Every configuration runs in a fresh subprocess with the same batch and
+--threads; peak memory is VmHWM as in bench_speed.py, reset for training before the model and
+the data are built on both sides (ddpmkit's train() builds them), and for sampling after the
+warm-up call. Run it alone on the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
-import re
-import subprocess
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-DIFFUSERS_HINT = ("diffusers is not installed in this interpreter; install it in a separate venv that keeps the "
-                  "system torch:\n  python -m venv /tmp/benchenv --system-site-packages\n"
-                  "  /tmp/benchenv/bin/pip install --dry-run diffusers   # must not list torch\n"
-                  "  /tmp/benchenv/bin/pip install diffusers\n"
-                  "  /tmp/benchenv/bin/python benchmarks/bench_train.py")
-IMAGE = 32
-FLAG_SETS = {  # name -> (bf16 autocast, channels_last, torch.compile)
-    "fp32 (default)": (False, False, False),
-    "bf16": (True, False, False),
-    "bf16 + channels_last": (True, True, False),
-    "bf16 + channels_last + compile": (True, True, True),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_speed as bs  # noqa: E402  (the ddpmkit workers and the shared helpers)
+
+DIFFUSERS_HINT = ("diffusers is not installed; it is a benchmark-only dependency:\n"
+                  "  pip install --dry-run diffusers   # the list must not contain torch\n"
+                  "  pip install diffusers")
+PARAM_TOLERANCE = 0.10
 
 
-def build(impl: str):
-    """(model, forward(model, x, t) -> eps) for "ddpmkit" or "diffusers"."""
+# --------------------------------------------------------------------------- the diffusers network
+
+
+def diffusers_unet(spec: dict, channels: tuple[int, ...], meta: bool = False):
     import torch
-
-    torch.manual_seed(0)
-    if impl == "ddpmkit":
-        from ddpmkit.models import PRESETS, build_model
-
-        return build_model(PRESETS["cifar"], 3), lambda m, x, t: m(x, t)
     from diffusers import UNet2DModel
 
-    model = UNet2DModel(
-        sample_size=IMAGE, in_channels=3, out_channels=3, layers_per_block=2,
-        block_out_channels=(128, 256, 224, 224),  # DDPM's (128, 256, 256, 256), narrowed to match 31M parameters
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1, attention_head_dim=64)  # 4 heads of 64 at 256 channels, as ddpmkit's 16x16 attention
-    return model, lambda m, x, t: m(x, t, return_dict=False)[0]
+    from ddpmkit.config import PRESETS
+
+    pc = PRESETS[spec["model_size"]]
+    groups = next(g for g in (32, 16, 8, 4) if all(c % g == 0 for c in channels))
+    n = len(channels)
+    down = tuple("AttnDownBlock2D" if k in pc.attn_levels else "DownBlock2D" for k in range(n))
+    up = tuple("AttnUpBlock2D" if n - 1 - k in pc.attn_levels else "UpBlock2D" for k in range(n))
+    heads_dim = channels[pc.attn_levels[0]] // pc.num_heads if pc.attn_levels else None
+    with torch.device("meta") if meta else torch.device("cpu"):
+        return UNet2DModel(sample_size=spec["image_size"], in_channels=spec["channels"],
+                           out_channels=spec["channels"], layers_per_block=pc.num_res_blocks,
+                           block_out_channels=channels, down_block_types=down, up_block_types=up,
+                           norm_num_groups=groups, attention_head_dim=heads_dim, dropout=pc.dropout)
 
 
-def memory_kib() -> dict[str, int]:
-    status = open("/proc/self/status").read()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmHWM", "VmRSS")}
+def match_channels(spec: dict, target: int) -> tuple[tuple[int, ...], int]:
+    """block_out_channels base*mults (multiples of 8; the widest levels may be narrowed to `d`) whose
+    parameter count is closest to `target`; among those within 2%, the one with the most GroupNorm
+    groups (diffusers' default is 32)."""
+    from ddpmkit.config import PRESETS
+
+    mults = PRESETS[spec["model_size"]].channel_mults
+    top = max(mults)
+
+    def count(ch):
+        return sum(p.numel() for p in diffusers_unet(spec, ch, meta=True).parameters())
+
+    found = []
+    for c in range(8, 1025, 8):  # the smallest base width at or above the target, unnarrowed
+        found.append((tuple(c * m for m in mults), count(tuple(c * m for m in mults))))
+        if found[-1][1] >= target:
+            break
+    c0 = found[-1][0][0] // mults[0]
+    for c in sorted({max(8, c0 - 8), c0, c0 + 8}):
+        for d in range(c * top - 8, c * top // 2 - 1, -8):  # then narrow the widest levels
+            ch = tuple(c * m if m < top else d for m in mults)
+            found.append((ch, count(ch)))
+    close = [f for f in found if abs(f[1] - target) <= 0.02 * target]
+    if close:
+        return max(close, key=lambda f: (math.gcd(*f[0], 32), -abs(f[1] - target)))
+    return min(found, key=lambda f: abs(f[1] - target))
 
 
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+# --------------------------------------------------------------------------- diffusers workers
 
 
-def worker(impl: str, mode: str, flags: str, batch: int, steps: int, warmup: int, profile: int = 0) -> dict:
-    """Time one configuration in this process; returns a JSON-able dict. With `profile` > 0, print
-    torch.profiler's top `profile` operators (self CPU time) of the timed steps instead."""
+def load_images(path: str):
+    import numpy as np
+    import torch
+
+    a = np.load(path)
+    a = a[..., None] if a.ndim == 3 else a
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def diffusers_train(spec: dict) -> dict:
+    """The training example's loop; median batch / step time over the timed steps."""
+    bs.set_threads(spec["threads"])
     import torch
     import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
 
-    from ddpmkit.schedules import alpha_bar_schedule
-    from ddpmkit.train import EMA
+    base = bs.reset_peak()  # before the model and the data, as ddpmkit's train() builds both
+    torch.manual_seed(0)
+    unet = diffusers_unet(spec, tuple(spec["diffusers_channels"]))
+    data = load_images(spec["data"])
+    total = spec["warmup"] + spec["steps"]
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=500, num_training_steps=total)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"])
+    order = torch.randperm(len(data))
+    unet.train()
+    times = []
+    for i in range(total):
+        t0 = time.perf_counter()
+        clean = data[order[i * spec["batch"]:(i + 1) * spec["batch"]]]
+        noise = torch.randn(clean.shape)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(clean),))
+        with autocast:
+            pred = unet(noise_sched.add_noise(clean, noise, t), t).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad()
+        ema.step(unet.parameters())
+        loss.detach().item()  # the example logs the loss every step
+        times.append(time.perf_counter() - t0)
+    rates = [spec["batch"] / s for s in times[spec["warmup"]:]]
+    torch.save(unet.state_dict(), Path(spec["workdir"]) / "diffusers_unet.pt")
+    return {**spec, "params": sum(p.numel() for p in unet.parameters()), "per_s": statistics.median(rates),
+            "min_per_s": min(rates), "max_per_s": max(rates), "timed_steps": len(rates),
+            "train_wall_s": sum(times), "torch": torch.__version__, "threads_used": torch.get_num_threads(),
+            **bs.peak(base)}
 
-    bf16, channels_last, compiled = FLAG_SETS[flags]
-    model, forward = build(impl)
-    params = sum(p.numel() for p in model.parameters())
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    net = torch.compile(model) if compiled else model
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    g = torch.Generator().manual_seed(1)
-    x0 = (torch.rand(batch, 3, IMAGE, IMAGE, generator=g) * 2 - 1).contiguous(memory_format=fmt)
-    ab = alpha_bar_schedule("linear", 1000, 1e-4, 0.02).float()
 
-    if mode == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
-        ema = EMA(model, 0.9999)
+def diffusers_sample(spec: dict) -> dict:
+    """DPM-Solver++(2M) through DPMSolverMultistepScheduler on the trained UNet2DModel."""
+    bs.set_threads(spec["threads"])
+    import torch
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-        def one(i: int) -> None:
-            t = torch.randint(0, 1000, (batch,))
-            eps = torch.randn_like(x0)
-            a = ab[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    unet = diffusers_unet(spec, tuple(spec["diffusers_channels"]))
+    unet.load_state_dict(torch.load(Path(spec["workdir"]) / "diffusers_unet.pt"))
+    unet.eval()
+    counter = bs.CallCounter(unet)
+    config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
+    sched = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"])
+    shape = (spec["sample_n"], spec["channels"], spec["image_size"], spec["image_size"])
+
+    @torch.inference_mode()
+    def gen(steps: int):
+        g = torch.Generator().manual_seed(0)
+        sched.set_timesteps(steps)
+        x = torch.randn(shape, generator=g) * sched.init_noise_sigma
+        for t in sched.timesteps:
             with autocast:
-                out = forward(net, x_t, t)
-            loss = F.mse_loss(out.float(), eps)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model, i)
-    else:
-        model.eval()
-        t_fixed = torch.full((batch,), 500)
+                eps = unet(sched.scale_model_input(x, t), t).sample
+            x = sched.step(eps.float(), t, x).prev_sample
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-        def one(i: int) -> None:
-            with torch.inference_mode(), autocast:
-                forward(net, x0, t_fixed).float()
-
-    base = memory_kib()["VmRSS"]
-    reset_ok = reset_peak()
-    t0 = time.perf_counter()
-    for i in range(warmup):  # includes compilation and the optimizer's lazily built state
-        one(i)
-    t_warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as profiler
-
-        with profiler(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(steps):
-                one(warmup + i)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile), file=sys.stderr)
-    else:
-        for i in range(steps):
-            one(warmup + i)
-    dt = time.perf_counter() - t0
-    mem = memory_kib()
-    return {"impl": impl, "mode": mode, "flags": flags, "params": params, "batch": batch, "steps": steps,
-            "per_s": batch * steps / dt, "step_s": dt / steps, "warmup_s": t_warm,
-            "peak_mib": mem["VmHWM"] / 1024, "delta_mib": (mem["VmHWM"] - base) / 1024 if reset_ok else None}
+    gen(2)
+    base = bs.reset_peak()
+    counter.n = 0
+    times = bs.timed_calls(lambda: gen(spec["sample_steps"]), spec["sample_reps"])
+    nfe = counter.n / spec["sample_reps"]
+    return bs.sample_result(spec, times, nfe, base, sum(p.numel() for p in unet.parameters()))
 
 
-def run_config(impl, mode, flags, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([impl, mode, flags]),
-           "--batch", str(args.batch), "--train-steps", str(args.train_steps), "--sample-steps", str(args.sample_steps),
-           "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:])[:300]
-        return {"impl": impl, "mode": mode, "flags": flags, "error": tail or f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+WORKERS = {("ddpmkit", "train"): bs.ddpmkit_train, ("ddpmkit", "sample"): bs.ddpmkit_sample,
+           ("diffusers", "train"): diffusers_train, ("diffusers", "sample"): diffusers_sample}
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs"
+# --------------------------------------------------------------------------- the comparison
 
 
-def has_diffusers() -> str | None:
-    try:
-        import diffusers
-    except ImportError:
-        return None
-    return diffusers.__version__
+def ddpmkit_params(spec: dict) -> int:
+    import torch
+
+    from ddpmkit.config import PRESETS
+    from ddpmkit.models import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(PRESETS[spec["model_size"]], spec["channels"]).parameters())
 
 
-def cell(r: dict | None, key: str, fmt: str) -> str:
-    if r is None:
+def ratio(a: dict, b: dict, key: str) -> str:
+    if "error" in a or "error" in b or not b.get(key):
         return "n/a"
-    if "error" in r:
-        return "failed"
-    return "n/a" if r.get(key) is None else format(r[key], fmt)
+    return f"{a[key] / b[key]:.2f}x"
+
+
+def table(results: dict, bf16s: list[bool], sampler: str) -> None:
+    print("\n| measure | precision | ddpmkit | diffusers | ddpmkit / diffusers |")
+    print("|---|---|---|---|---|")
+    rows = (("train", "per_s", "training img/s (median per step)", ".1f"),
+            ("sample", "per_s", f"sampling img/s ({sampler})", ".2f"),
+            ("sample", "nfe_per_s", "sampling img x NFE/s", ".1f"))
+    for mode, key, label, spec in rows:
+        for bf16 in bf16s:
+            a, b = results[("ddpmkit", mode, bf16)], results[("diffusers", mode, bf16)]
+            prec = "bf16" if bf16 else "fp32 (default)"
+            print(f"| {label} | {prec} | {bs.fmt(a, key, spec)} | {bs.fmt(b, key, spec)} | {ratio(a, b, key)} |")
+    for mode, label in (("train", "training peak RSS MiB (+increase)"),
+                        ("sample", "sampling peak RSS MiB (+increase)")):
+        for bf16 in bf16s:
+            cells = [f"{bs.fmt(results[(i, mode, bf16)], 'peak_mib', '.0f')} "
+                     f"(+{bs.fmt(results[(i, mode, bf16)], 'delta_mib', '.0f')})" for i in ("ddpmkit", "diffusers")]
+            print(f"| {label} | {'bf16' if bf16 else 'fp32 (default)'} | {cells[0]} | {cells[1]} | |")
+    nfe = {i: results[(i, "sample", bf16s[0])].get("nfe") for i in ("ddpmkit", "diffusers")}
+    print(f"\nNFE per sampling call: ddpmkit {nfe['ddpmkit']}, diffusers {nfe['diffusers']}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8, help="training and sampling batch (default: 8)")
-    p.add_argument("--train-steps", type=int, default=2, help="timed training steps per configuration (default: 2)")
-    p.add_argument("--sample-steps", type=int, default=3,
-                   help="timed network evaluations per configuration (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
-    p.add_argument("--compile", action="store_true", help="also try torch.compile (minutes of compilation on a CPU)")
-    p.add_argument("--profile", nargs=3, metavar=("IMPL", "MODE", "FLAGS"),
-                   help="profile one configuration, e.g. ddpmkit train bf16 (prints the top operators)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    bs.add_common_args(p)
     args = p.parse_args()
-    if args.worker or args.profile:
-        impl, mode, flags = json.loads(args.worker) if args.worker else args.profile
-        steps = args.train_steps if mode == "train" else args.sample_steps
-        print(json.dumps(worker(impl, mode, flags, args.batch, steps, args.warmup, 0 if args.worker else 15)))
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(WORKERS[(spec["impl"], spec["mode"])](spec)))
         return
-
-    import torch
-
-    version = has_diffusers()
-    impls = ["ddpmkit"] + (["diffusers"] if version else [])
-    if not version:
-        print(DIFFUSERS_HINT + "\n(benchmarking ddpmkit alone)\n", file=sys.stderr)
-    flag_names = [f for f in FLAG_SETS if args.compile or not FLAG_SETS[f][2]]
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"diffusers {version or 'missing'}; load average before: {os.getloadavg()[0]:.2f}")
-    print(f"batch {args.batch}, 32x32 RGB; {args.train_steps} timed training steps and {args.sample_steps} timed "
-          f"network evaluations per configuration after {args.warmup} warm-up step(s)\n", flush=True)
-    results: dict[tuple, dict] = {}
+    bs.check_args(args)
+    if args.sampler != "dpm++2m":
+        sys.exit("bench_train.py compares dpm++2m only (diffusers' DPMSolverMultistepScheduler); "
+                 "use bench_speed.py for other samplers")
+    try:
+        import diffusers
+    except ImportError:
+        sys.exit(DIFFUSERS_HINT)
+    print(bs.header(args, f"; diffusers {diffusers.__version__}"), flush=True)
     started = time.perf_counter()
-    for mode in ("train", "sample"):
-        for flags in flag_names:
-            for impl in impls:
-                r = run_config(impl, mode, flags, args)
-                results[(impl, mode, flags)] = r
-                what = "failed: " + r["error"] if "error" in r else f"{r['per_s']:.2f}/s, peak {r['peak_mib']:.0f} MiB"
-                print(f"  {mode:6s} {impl:9s} {flags:32s} {what}", file=sys.stderr, flush=True)
-    params = {i: next((r["params"] for (j, _, _), r in results.items() if j == i and "params" in r), None)
-              for i in impls}
-    print(" ".join(f"{i}: {params[i] / 1e6:.2f}M parameters" for i in impls if params[i]) + (
-        f" (diffusers/ddpmkit = {params['diffusers'] / params['ddpmkit']:.3f})" if len(impls) == 2 and all(
-            params.values()) else ""))
-
-    def best(impl, mode):
-        ok = [r for (i, m, _), r in results.items() if i == impl and m == mode and "error" not in r]
-        return max(ok, key=lambda r: r["per_s"]) if ok else None
-
-    print("\n| measure | flags | ddpmkit | diffusers | ddpmkit / diffusers |")
-    print("|---|---|---|---|---|")
-    for mode, label in (("train", "training img/s"), ("sample", "sampling img x steps/s")):
-        rows = [(f, {i: results.get((i, mode, f)) for i in impls}) for f in flag_names]
-        rows.append(("best of each", {i: best(i, mode) for i in impls}))
-        for flags, rs in rows:
-            ours, theirs = rs.get("ddpmkit"), rs.get("diffusers")
-            ratio = (f"{ours['per_s'] / theirs['per_s']:.2f}x" if ours and theirs and "error" not in ours
-                     and "error" not in theirs else "n/a")
-            if flags == "best of each":
-                flags += " (" + ", ".join(f"{i}: {r['flags']}" for i, r in rs.items() if r) + ")"
-            print(f"| {label} | {flags} | {cell(ours, 'per_s', '.2f')} | {cell(theirs, 'per_s', '.2f')} | {ratio} |")
-    for mode, label in (("train", "training peak RSS, MiB (increase while training)"),
-                        ("sample", "sampling peak RSS, MiB (increase while sampling)")):
-        for flags in flag_names:
-            rs = {i: results.get((i, mode, flags)) for i in impls}
-            show = {i: (f"{cell(r, 'peak_mib', '.0f')} (+{cell(r, 'delta_mib', '.0f')})" if r else "n/a")
-                    for i, r in rs.items()}
-            print(f"| {label} | {flags} | {show.get('ddpmkit', 'n/a')} | {show.get('diffusers', 'n/a')} | |")
+    bf16s = bs.precisions(args.bf16)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        data = bs.write_data(args.data, (args.warmup + args.steps) * args.batch_size, args.image_size,
+                             args.channels, Path(tmp) / "data.npy")
+        common = bs.base_spec(args, Path(tmp), data)
+        ours = ddpmkit_params(common)
+        channels, theirs = match_channels(common, ours)
+        print(f"parameters: ddpmkit {ours / 1e6:.3f}M, diffusers {theirs / 1e6:.3f}M (block_out_channels "
+              f"{channels}; diffusers / ddpmkit = {theirs / ours:.3f})", flush=True)
+        if abs(theirs / ours - 1) > PARAM_TOLERANCE:
+            sys.exit(f"no UNet2DModel layout within {PARAM_TOLERANCE:.0%} of ddpmkit's parameter count")
+        results = {}
+        for bf16 in bf16s:
+            for impl in ("ddpmkit", "diffusers"):
+                workdir = Path(tmp) / f"{impl}_{int(bf16)}"
+                workdir.mkdir()
+                spec = {**common, "workdir": str(workdir), "bf16": bf16, "impl": impl,
+                        "diffusers_channels": list(channels)}
+                for mode in ("train", "sample"):
+                    if mode == "sample" and "error" in results[(impl, "train", bf16)]:
+                        results[(impl, mode, bf16)] = results[(impl, "train", bf16)]
+                        continue
+                    extra = {"ckpt": results[(impl, "train", bf16)].get("ckpt")} if mode == "sample" else {}
+                    r = bs.run_worker(Path(__file__), {**spec, **extra, "mode": mode})
+                    results[(impl, mode, bf16)] = r
+                    what = "failed: " + r["error"] if "error" in r else f"{r['per_s']:.2f} img/s"
+                    print(f"  {mode:6s} {impl:9s} {'bf16' if bf16 else 'fp32'} {what}", file=sys.stderr, flush=True)
+    table(results, bf16s, args.sampler)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
 
 
