@@ -226,7 +226,8 @@ def test_nfe_equals_model_calls_for_every_step_count(spacing):
     assert samplers.nfe("heun", 7) == 13
 
 
-DEFAULT_NFE = {"ddpm": 1000, "ddim": 50, "dpm++2m": 20, "dpm++3m": 20, "dpm++2m-sde": 20, "euler": 50, "heun": 35}
+DEFAULT_NFE = {"ddpm": 1000, "ddim": 50, "dpm++2m": 20, "dpm++3m": 20, "dpm++2m-sde": 20, "euler": 50, "heun": 35,
+               "progressive": 4, "consistency": 1}
 
 
 @pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))

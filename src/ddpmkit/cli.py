@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import PRESETS, Config, load_file
+from .distill import command as distill_command
 from .errors import DdpmError
 from .guidance import commands as guidance_commands
 
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,train-ae,sample,edit,eval,export}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,train-ae,sample,edit,eval,export,distill}",
                                 parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(by default small grids are enlarged, nearest-neighbour, to at least 256 px across)")
     sa.add_argument("--trajectory", metavar="FILE", help="also write the first 4 samples through the reverse "
                     "process, x_t and predicted x0 at about 10 steps: a strip (.png) or an animation (.gif)")
-    sa.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="sampler (default: ddpm)")
+    sa.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                    help="sampler (default: ddpm; a distilled student's own sampler and steps)")
     sa.add_argument("--steps", type=_positive_int, default=None,
                     help="sampler steps = model evaluations (Heun: 2*steps-1); default per sampler: "
                     f"{describe_defaults()} (never more than the model's T)")
@@ -228,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--samples", metavar="DIR|FILE", help="score these images (folder, or uint8 .npy/.npz)")
     ev.add_argument("--ref", required=True, metavar="DATA", help="reference data: image folder or builtin:NAME")
     ev.add_argument("-n", type=_positive_int, default=10000, help="samples to generate (default: 10000)")
-    ev.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS), help="sampler (default: dpm++2m)")
-    ev.add_argument("--steps", type=_positive_int, default=20, help="sampler steps (default: 20)")
+    ev.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                    help="sampler (default: dpm++2m; a distilled student's own sampler and steps)")
+    ev.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 20)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
     ev.add_argument("--extractor", default="auto", choices=("auto", "inception", "randconv"),
                     help="feature network: inception (standard FID, local weights), randconv (weight-free, "
@@ -249,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
     ex.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json to")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    distill_command.add_parser(sub, _positive_int)
     return parser
 
 
@@ -292,6 +296,15 @@ def _load_for_sampling(path: str, device_name: str, ema: bool = True):
     return ctx, model, diffusion, cfg
 
 
+def _default_sampler(args: argparse.Namespace, cfg, sampler: str, steps: int | None) -> None:
+    """Fill in --sampler / --steps when not given: a distilled student's own (config [distill]), else the command's."""
+    own = cfg.distill.sampler
+    if args.sampler is None and own:
+        args.sampler, args.steps = own, args.steps or cfg.distill.steps or None
+    args.sampler = args.sampler or sampler
+    args.steps = args.steps or steps
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .distributed import generate_distributed
     from .images import READABLE_WIDTH, save_each, save_images, to_uint8
@@ -304,10 +317,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_trajectory_path(args.trajectory)
     options = {}
     if args.eta is not None:
-        if args.sampler not in ("ddim", "dpm++2m-sde"):
+        if (args.sampler or "ddpm") not in ("ddim", "dpm++2m-sde"):
             raise DdpmError(f"--eta applies to ddim and dpm++2m-sde, not {args.sampler}")
         options["eta"] = args.eta
     ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt or args.model, args.device, ema=not args.no_ema)
+    _default_sampler(args, cfg, "ddpm", None)
     if guidance_commands.wants_conditional(args, cfg.model):  # --class / --inpaint / a conditional model
         ctx.close()
         return guidance_commands.sample(args, model, diffusion, cfg, options, out)
@@ -363,6 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     else:
         ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt, args.device)
+        _default_sampler(args, cfg, "dpm++2m", 20)
         size, channels, device = cfg.data.image_size, cfg.data.channels, diffusion.device
         if ctx.enabled:  # split the samples over the processes, score on process 0
             try:
@@ -420,7 +435,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "train-ae": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval,
-            "export": cmd_export}
+            "export": cmd_export, "distill": distill_command.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,6 +135,15 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """How a few-step student was made by `ddpm distill` (empty for a model trained by `ddpm train`)."""
+    method: str = ""                          # "" (not distilled) | progressive | student | consistency
+    teacher: str = ""                         # the teacher checkpoint it was distilled from
+    steps: int = 0                            # the student's sampling steps (NFE)
+    sampler: str = ""                         # its own sampler: `ddpm sample`'s default for it ("": ddpm)
+
+
+@dataclass
 class AutoencoderConfig:
     """The latent-diffusion autoencoder (`ddpm train-ae`), and in a diffusion run the one it trains in."""
     path: str = ""                           # diffusion run: the `ddpm train-ae` checkpoint of its latents ("" = pixels)
@@ -152,6 +161,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -165,7 +175,7 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
-                  "autoencoder": AutoencoderConfig}
+                  "distill": DistillConfig, "autoencoder": AutoencoderConfig}
 
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
@@ -393,4 +403,10 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_sampler in SAMPLERS, f"train.eval_sampler '{t.eval_sampler}' is not one of {sorted(SAMPLERS)}")
     _check(t.eval_steps >= 1, f"train.eval_steps must be >= 1, got {t.eval_steps}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    ds = cfg.distill
+    _check(ds.method in ("", "progressive", "student", "consistency"),
+           f"distill.method must be progressive, student, consistency or empty, got '{ds.method}'")
+    _check(ds.steps >= 0, f"distill.steps must be >= 0, got {ds.steps}")
+    _check(ds.sampler in SAMPLERS or ds.sampler == "",
+           f"distill.sampler '{ds.sampler}' is not one of {sorted(SAMPLERS)}")
     return cfg

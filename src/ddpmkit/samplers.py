@@ -284,6 +284,63 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     return x
 
 
+def nested_sigmas(denoiser, steps: int) -> torch.Tensor:
+    """The noise levels of a `steps`-step progressively distilled student: every level of the
+    `steps`-step grid is also a level of the 2*steps grid, so two teacher steps span one student step.
+
+    Discrete (VP) models: the trailing timesteps t_k = round(k T / steps) - 1 (the grid `ddim`
+    uses; round(2k T / 2steps) = round(k T / steps), so the grids nest); continuous (EDM) models:
+    Karras et al. (2022) Eq. (5) with ramp i / steps, i = 0..steps-1 (levels i/steps are levels
+    2i / 2steps). Both start at the model's largest sigma and end with 0.
+    """
+    discrete = getattr(denoiser, "discrete_sigmas", None)
+    if discrete is not None:
+        T = len(discrete)
+        if steps > T:
+            raise DdpmError(f"steps={steps} exceeds this model's {T} timesteps; use at most {T}")
+        sig = discrete.float()[schedules.spaced_timesteps(T, steps, "trailing").to(discrete.device)].cpu()
+    else:
+        sigma_min, sigma_max, rho = denoiser.sigma_min, denoiser.sigma_max, 7.0
+        ramp = torch.arange(steps, dtype=torch.float64) / steps
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sig = ((hi + ramp * (lo - hi)) ** rho).float()
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+@torch.no_grad()
+def sample_progressive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                       progress: bool = False) -> torch.Tensor:
+    """Deterministic DDIM on `nested_sigmas` with len(sigmas) - 1 steps: the sampler a progressive
+    student (Salimans & Ho 2022, Alg. 2) was distilled for; the given levels only fix the count."""
+    grid = nested_sigmas(denoiser, len(sigmas) - 1).to(x.device)
+    return sample_ddim(denoiser, x, grid, noise=noise, callback=callback, progress=progress)
+
+
+@torch.no_grad()
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
+                       progress: bool = False) -> torch.Tensor:
+    """Multistep consistency sampling, Song et al. (2023) Alg. 1: x0 = f(x, sigma_max); for each
+    further level s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) z, s). f is `distill.consistency`'s
+    boundary-condition parameterization of the model. The levels are Karras et al. (2022) Eq. (5)
+    with steps + 1 points from sigma_max to sigma_min, without the last (f is the identity there):
+    1 step evaluates at sigma_max only; 2 steps add sigma ~ 2.5 for EDM models."""
+    from .distill.consistency import ConsistencyFunction
+
+    f = ConsistencyFunction(denoiser)
+    n = len(sigmas) - 1
+    levels = schedules.karras_sigmas(n + 1, f.sigma_min, float(sigmas[0]))[:-1].float()
+    noise = _noise_fn(noise)
+    x0 = x
+    for i in _steps(torch.cat([levels, levels.new_zeros(1)]), progress, "consistency"):
+        s = float(levels[i])
+        if i > 0:
+            x = x0 + math.sqrt(max(s**2 - f.sigma_min**2, 0.0)) * noise(x0)
+        x0 = f(x, levels[i].to(x.device))
+        if callback is not None:
+            callback(i, s, x, x0)
+    return x0
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     fn: Callable
@@ -308,6 +365,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m_sde, "karras", 1, True, "SDE-DPM-Solver++(2M) (Lu et al. 2022)", 20),
     "euler": SamplerSpec(sample_euler, "karras", 1, False, "Euler on the PF-ODE (Karras et al. 2022, Alg. 1)", 50),
     "heun": SamplerSpec(sample_heun, "karras", 2, False, "Heun (Karras et al. 2022, Alg. 2): NFE = 2*steps-1", 18),
+    # Samplers of distilled students (`ddpm distill`): their checkpoints name them as `ddpm sample`'s default.
+    "progressive": SamplerSpec(sample_progressive, "trailing", 1, False,
+                               "DDIM on the nested grid of a progressive student (Salimans & Ho 2022)", 4),
+    "consistency": SamplerSpec(sample_consistency, "karras", 1, True,
+                               "multistep consistency sampling (Song et al. 2023, Alg. 1)", 1),
 }
 
 CONTINUOUS_DEFAULT_STEPS = 50  # ddpm's default on a continuous (EDM) model, which has no T

@@ -1,0 +1,51 @@
+"""The `ddpm distill` subcommand: its flags and its call of `distill.distill`."""
+from __future__ import annotations
+
+import argparse
+
+DISTILL_EXAMPLES = """examples:
+  ddpm distill --teacher models/digits/ckpt.pt --method progressive --steps 4 --run-name digits_p4
+  ddpm distill --teacher models/digits/ckpt.pt --method student --run-name digits_1step --pairs 5000
+  ddpm distill --teacher models/digits/ckpt.pt --method consistency --steps 2 --run-name digits_ct
+  ddpm sample --ckpt models/digits_p4/ckpt.pt      # the student's own sampler and steps by default
+"""
+
+
+def add_parser(sub, positive_int) -> None:
+    from . import DEFAULT_IMAGES, DEFAULT_STEPS, METHODS
+
+    p = sub.add_parser("distill", help="distil a trained model into a few-step student",
+                       epilog=DISTILL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a few-step student of a checkpoint with the training loop of `ddpm train` "
+                       "(resume, SIGTERM saves, EMA, grids, TensorBoard). progressive: Salimans & Ho (2022), halving "
+                       "DDIM steps; student: Luhman & Luhman (2021), one step on teacher (noise, image) pairs; "
+                       "consistency: Easy Consistency Tuning (Geng et al. 2024). Writes WORKDIR/models/RUN/ckpt.pt "
+                       "(progressive also steps{N}.pt after each halving); the same command again resumes.")
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="checkpoint of the model to distil")
+    p.add_argument("--method", required=True, choices=METHODS, help="distillation method")
+    p.add_argument("--run-name", required=True, help="names models/RUN, results/RUN and runs/RUN")
+    p.add_argument("--steps", type=positive_int, default=None, help="the student's sampling steps (default: "
+                   + ", ".join(f"{m} {s}" for m, s in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--images", type=positive_int, default=None, help="training images: per halving stage for "
+                   "progressive, in all otherwise, rounded up to whole epochs (default: "
+                   + ", ".join(f"{m} {s}" for m, s in DEFAULT_IMAGES.items()) + ")")
+    p.add_argument("--pairs", type=positive_int, default=None, help="student: teacher samples to train on "
+                   "(DPM-Solver++(2M), 20 steps; default 2000)")
+    p.add_argument("--start-steps", type=positive_int, default=None, help="progressive: the teacher's DDIM "
+                   "steps to halve from (default: the largest --steps * 2^k up to 64 and the teacher's T)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the teacher's)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the teacher's)")
+    p.add_argument("--workdir", default=".", help="folder that holds models/, results/ and runs/ (default: .)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import distill
+
+    summary = distill(args.teacher, args.method, args.run_name, steps=args.steps, images=args.images,
+                      batch_size=args.batch_size, lr=args.lr, device=args.device, workdir=args.workdir,
+                      pairs=args.pairs, start_steps_=args.start_steps, progress=not args.no_progress)
+    if summary["status"] == "finished":
+        print(f"done: {summary['step']} steps; student checkpoint {summary['ckpt']}")
+    return 0
