@@ -194,3 +194,10 @@ def test_bad_autoencoders_are_one_line_errors(blobs, tmp_path, capsys):
     assert train_ae(blobs, tmp_path, "--epochs", "1", "--image-size", "12", "--downsample", "8", "--run-name",
                     "odd") == 2
     assert "not a multiple of --downsample 8" in error_line(capsys)
+
+
+def test_resuming_an_autoencoder_run_with_another_shape_is_refused(blobs, tmp_path, capsys):
+    assert train_ae(blobs, tmp_path, "--epochs", "1", "--sample-every", "0") == 0
+    capsys.readouterr()
+    assert train_ae(blobs, tmp_path, "--epochs", "2", "--latent-channels", "3") == 2
+    assert "latent_channels" in error_line(capsys) and not (tmp_path / "models/ae/ckpt.prev.pt").exists()

@@ -100,6 +100,8 @@ class AutoencoderTask(Task):
         return super().data(cfg, log)
 
     def build(self, cfg: Config, device: torch.device):
+        a = cfg.autoencoder
+        self.shape = [a.downsample, a.latent_channels, a.base_channels, int(a.disc_weight > 0)]
         return build_autoencoder(cfg, cfg.data.channels).to(device), None
 
     def make_loss(self, diffusion, cfg: Config) -> AutoencoderLoss:
@@ -129,7 +131,13 @@ class AutoencoderTask(Task):
         return images
 
     def extra_state(self) -> dict[str, Any]:
-        return {"kind": AE_KIND}
+        return {"kind": AE_KIND, "shape": self.shape}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if list(state.get("shape", self.shape)) != self.shape:
+            raise DdpmError(f"this autoencoder run was trained with downsample, latent_channels, ae_channels, "
+                            f"discriminator = {list(state['shape'])}, not {self.shape}; drop those options to "
+                            "resume, pick another --run-name, or pass --fresh")
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, Config]:
@@ -313,6 +321,9 @@ class LatentTask(Task):
 
     def data(self, cfg: Config, log: Callable) -> LatentData:
         path = cfg.autoencoder.path
+        if cfg.train.class_cond:  # guidance/ samples and edits in pixel space; not wired to the decoder yet
+            raise DdpmError("class-conditional latent diffusion is not supported yet; drop --class-cond or "
+                            "--autoencoder")
         self.device = _device_of(cfg)
         self.ae, a = load_autoencoder(path, self.device)
         images = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, log)

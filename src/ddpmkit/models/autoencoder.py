@@ -108,7 +108,8 @@ class AutoencoderWithDisc(nn.Module):
     def __init__(self, autoencoder: AutoencoderKL, disc: PatchDiscriminator):
         super().__init__()
         self.ae, self.disc = autoencoder, disc
-        self.channels, self.latent_channels, self.downsample = ae_attrs(autoencoder)
+        self.channels, self.latent_channels, self.downsample = (autoencoder.channels, autoencoder.latent_channels,
+                                                                autoencoder.downsample)
 
     def encode(self, x):
         return self.ae.encode(x)
@@ -118,10 +119,6 @@ class AutoencoderWithDisc(nn.Module):
 
     def forward(self, x, noise=None):
         return self.ae(x, noise)
-
-
-def ae_attrs(ae: AutoencoderKL) -> tuple[int, int, int]:
-    return ae.channels, ae.latent_channels, ae.downsample
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
