@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import PRESETS, Config, load_file
+from .compress import command as compress_command
 from .distill import command as distill_command
 from .errors import DdpmError
 from .guidance import commands as guidance_commands
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,train-ae,sample,edit,eval,export,distill}",
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,train-ae,sample,edit,eval,export,distill,prune,quantize}",
                                 parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -192,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "config stored in the checkpoint. Image k under --seed S is the same for any --batch-size.")
     src = sa.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", metavar="PATH", help="checkpoint written by `ddpm train`")
-    src.add_argument("--model", metavar="DIR", help="folder written by `ddpm export` (safetensors + config.json)")
+    src.add_argument("--model", metavar="DIR", help="folder written by `ddpm export` (safetensors + config.json) "
+                     "or `ddpm quantize` (model.onnx + config.json)")
     sa.add_argument("-n", type=_positive_int, default=16, metavar="N", help="number of images (default: 16)")
     sa.add_argument("--seed", type=int, default=0, help="seed; image k depends only on (seed, k) (default: 0)")
     sa.add_argument("--out", metavar="FILE", help="grid image to write (.png/.jpg); default samples.png "
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json to")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     distill_command.add_parser(sub, _positive_int)
+    compress_command.add_parsers(sub, _positive_int)
     return parser
 
 
@@ -435,7 +439,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "train-ae": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval,
-            "export": cmd_export, "distill": distill_command.run}
+            "export": cmd_export, "distill": distill_command.run, "prune": compress_command.run,
+            "quantize": compress_command.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

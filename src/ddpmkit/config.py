@@ -35,6 +35,7 @@ class ModelConfig:
     num_res_blocks: int = 2                  # adm: residual blocks per level (the decoder has one more); unet: unused
     num_classes: int = 0                     # > 0: class-conditional (set by train.class_cond from the data's classes)
     class_names: tuple[str, ...] = ()        # the name of each class, in label order (stored in checkpoints)
+    pruned: tuple[str, ...] = ()             # layers resized by `ddpm prune`, "NAME:A:B" each (models/widths.py)
 
 
 # Network architectures `build_model` knows (models/registry.py dispatches on these names).

@@ -22,7 +22,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
     latent model's diffusion is a `latent.LatentDiffusion`, which decodes its samples).
     """
     if Path(path).is_dir():
-        return load_exported(path, device)
+        from .compress.quantize import is_quantized, load_quantized  # ONNX Runtime runs it (`ddpm quantize`)
+
+        return load_quantized(path, device) if is_quantized(path) else load_exported(path, device)
     ckpt = load_checkpoint(path)
     refuse_autoencoder_checkpoint(ckpt, path)
     cfg = config_of(ckpt, path)

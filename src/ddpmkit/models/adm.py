@@ -85,10 +85,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, silu_emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = (z.transpose(-1, -2) for z in qkv.unbind(1))      # (B, heads, HW, C/heads)
+        qkv = self.qkv(self.norm(x))
+        inner = qkv.shape[1] // 3  # = c, except after `ddpm prune`, which keeps the heads whole
+        qkv = qkv.reshape(b, 3, self.num_heads, inner // self.num_heads, h * w)
+        q, k, v = (z.transpose(-1, -2) for z in qkv.unbind(1))      # (B, heads, HW, inner/heads)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, inner, h, w))
 
 
 class Downsample(nn.Module):

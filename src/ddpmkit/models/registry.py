@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import PRESETS, ModelConfig, preset
 from ..errors import DdpmError
+from . import widths
 from .adm import ADMUNet
 from .unet import UNet
 
@@ -37,7 +38,8 @@ def build_model(cfg: ModelConfig, channels: int, out_channels: int | None = None
     defaults to `channels` (2 * channels for a learned variance)."""
     if cfg.arch not in BUILDERS:
         raise DdpmError(f"unknown model.arch '{cfg.arch}'; choose one of {', '.join(BUILDERS)}")
-    return BUILDERS[cfg.arch](cfg, channels, out_channels or channels)
+    model = BUILDERS[cfg.arch](cfg, channels, out_channels or channels)
+    return widths.apply(model, tuple(cfg.pruned)) if cfg.pruned else model  # a pruned network's own sizes
 
 
 __all__ = ["BUILDERS", "PRESETS", "build_model", "preset"]

@@ -1,0 +1,55 @@
+"""The `ddpm prune` and `ddpm quantize` subcommands: their flags and their calls."""
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  ddpm prune --ckpt models/digits/ckpt.pt --ratio 0.5 --run-name digits_p50
+  ddpm quantize --ckpt models/digits_p50/ckpt.pt --out models/digits_p50_int8
+  ddpm sample --model models/digits_p50_int8 --n 16
+"""
+
+
+def add_parsers(sub, positive_int) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("prune", help="prune a trained model's channels, then fine-tune it", epilog=EXAMPLES,
+                       formatter_class=fmt,
+                       description="Structural pruning with Torch-Pruning and Diff-Pruning's timestep-aware Taylor "
+                       "importance (Fang et al. 2023); attention heads stay whole, the output conv keeps its outputs. "
+                       "The fine-tune is a training run (resume, SIGTERM saves, EMA) writing WORKDIR/models/RUN/ckpt.pt; "
+                       "the same command again resumes. Needs `pip install -e .[compress]`.")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint of the model to prune")
+    p.add_argument("--ratio", required=True, type=float, help="share of channels to remove, in (0, 1)")
+    p.add_argument("--run-name", required=True, help="names models/RUN, results/RUN and runs/RUN")
+    p.add_argument("--finetune-images", type=positive_int, default=None, help="fine-tuning images, rounded up "
+                   "to whole epochs (default: 10%% of the images the model was trained on)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the model's)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the model's)")
+    p.add_argument("--workdir", default=".", help="folder that holds models/, results/ and runs/ (default: .)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = sub.add_parser("quantize", help="int8 post-training quantization for CPU (ONNX Runtime)", epilog=EXAMPLES,
+                       formatter_class=fmt,
+                       description="Static int8 quantization calibrated on (x_t, t) pairs from the model's own sampling "
+                       "trajectories, spread evenly over the timesteps. Writes OUT/model.onnx and OUT/config.json, "
+                       "which `ddpm sample --model OUT` and `ddpm eval --model OUT` run. Needs `pip install -e .[compress]`.")
+    q.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint of the model to quantize")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write model.onnx and config.json to")
+    q.add_argument("--calib-n", type=positive_int, default=256, help="calibration pairs (default: 256)")
+    q.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",), help="int8 runtime")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "prune":
+        from .prune import prune
+
+        summary = prune(args.ckpt, args.ratio, args.run_name, args.finetune_images, args.batch_size, args.lr,
+                        args.device, args.workdir, progress=not args.no_progress)
+        if summary["status"] == "finished":
+            print(f"done: {summary['step']} steps; pruned checkpoint {summary['ckpt']}")
+        return 0
+    from .quantize import quantize
+
+    out = quantize(args.ckpt, args.out, calib_n=args.calib_n)
+    print(f"quantized model written to {out}")
+    return 0
