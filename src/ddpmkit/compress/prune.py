@@ -238,6 +238,15 @@ def check_input(path: str | Path, ratio: float) -> None:
                         "first, then quantize the pruned one")
 
 
+def _check_prunable(cfg: Config, path) -> None:
+    """Only pixel-space diffusion models of the two UNets: the fine-tune is their diffusion loss on images."""
+    latent = getattr(getattr(cfg, "autoencoder", None), "path", "")
+    if cfg.model.arch not in ("unet", "adm") or latent or getattr(getattr(cfg, "distill", None), "method", ""):
+        raise DdpmError(f"{path} is not a pixel-space diffusion model trained by `ddpm train` (arch "
+                        f"{cfg.model.arch}{', latent' if latent else ''}); ddpm prune fine-tunes with the diffusion "
+                        "loss on images, so prune such a model (the teacher of a distilled one), not this")
+
+
 def teacher_images(ckpt: dict, cfg: Config) -> int:
     """The images the teacher was trained on: optimizer steps x batch x accumulation x processes."""
     t = cfg.train
@@ -275,6 +284,7 @@ def prune(ckpt_path: str, ratio: float, run_name: str, finetune_images: int | No
     require("torch_pruning", "ddpm prune")
     ckpt = load_checkpoint(ckpt_path)
     teacher = config_of(ckpt, ckpt_path)
+    _check_prunable(teacher, ckpt_path)
     given = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("device", device)) if v is not None}
     run = dict(run_name=run_name, workdir=workdir, warmup_steps=0, eval_every_steps=0, **given)
     cfg = validate(dataclasses.replace(teacher, train=dataclasses.replace(teacher.train, **run)))
