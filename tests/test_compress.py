@@ -155,3 +155,20 @@ def test_quantize_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["quantize", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not found" in err and len(err.splitlines()) == 1
+
+
+def test_a_missing_extra_is_a_one_line_error_naming_the_install(monkeypatch):
+    import importlib
+
+    from ddpmkit.compress import require
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "torch_pruning":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(DdpmError, match=r"pip install -e \.\[compress\]"):
+        require("torch_pruning", "ddpm prune")

@@ -20,6 +20,7 @@ through an `nn.Module` wrapper, so `ddpm sample` and `ddpm eval` take it like an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -109,11 +110,14 @@ def quantize_model(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tenso
         def get_next(self):
             return next(self.rows, None)
 
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)  # ONNX Runtime's advice lines go to the root logger
     try:
         q.quantize_static(str(fp32), str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           op_types_to_quantize=QUANT_OPS, nodes_to_exclude=keep)
     finally:
+        root.setLevel(level)
         fp32.unlink(missing_ok=True)
     return path
 
