@@ -36,7 +36,9 @@ def add_parsers(sub, positive_int) -> None:
     q.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint of the model to quantize")
     q.add_argument("--out", required=True, metavar="DIR", help="folder to write model.onnx and config.json to")
     q.add_argument("--calib-n", type=positive_int, default=256, help="calibration pairs (default: 256)")
-    q.add_argument("--backend", default="onnxruntime", choices=("onnxruntime",), help="int8 runtime")
+    q.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-fp32"),
+                   help="onnxruntime: static int8 (default); onnxruntime-fp32: the same runtime without quantization, "
+                   "for CPUs where int8 is not faster (see benchmarks/bench_compress.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .quantize import quantize
 
-    out = quantize(args.ckpt, args.out, calib_n=args.calib_n)
+    out = quantize(args.ckpt, args.out, calib_n=args.calib_n, backend=args.backend)
     print(f"quantized model written to {out}")
     return 0

@@ -38,6 +38,7 @@ from . import require
 ONNX, CONFIG = "model.onnx", "config.json"
 CALIB_STEPS = 20                       # DDIM steps of the calibration trajectories
 QUANT_OPS = ["Conv", "MatMul", "Gemm"]
+BACKENDS = ("onnxruntime", "onnxruntime-fp32")
 FP32_NAMES = ("/conv_in/", "/inc/", "/out/", "/outc/", "/time_mlp/", "/emb/", "/emb_layer/")
 
 
@@ -140,8 +141,14 @@ class QuantizedNet(nn.Module):
         return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
 
 
-def quantize(ckpt_path: str | Path, out_dir: str | Path, calib_n: int = 256, seed: int = 0) -> Path:
-    """Quantize a checkpoint's EMA (else raw) weights into OUT_DIR/model.onnx + OUT_DIR/config.json."""
+def quantize(ckpt_path: str | Path, out_dir: str | Path, calib_n: int = 256, seed: int = 0,
+             backend: str = "onnxruntime") -> Path:
+    """Quantize a checkpoint's EMA (else raw) weights into OUT_DIR/model.onnx + OUT_DIR/config.json.
+
+    backend "onnxruntime": int8 as above; "onnxruntime-fp32": the same ONNX Runtime path without
+    quantization (no calibration), for CPUs and model sizes where int8 kernels are not faster."""
+    if backend not in BACKENDS:
+        raise DdpmError(f"unknown --backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if is_quantized(ckpt_path):
         raise DdpmError(f"{ckpt_path} is already quantized; pass the fp32 checkpoint (ckpt.pt)")
     ckpt = load_checkpoint(ckpt_path)
@@ -153,13 +160,18 @@ def quantize(ckpt_path: str | Path, out_dir: str | Path, calib_n: int = 256, see
     model, diffusion = model_from_config(cfg)
     key = "ema_state_dict" if ckpt.get("ema_state_dict") is not None else "model_state_dict"
     load_state(model, ckpt[key], ckpt_path)
-    calib = collect_calibration(model.eval(), diffusion, calib_n, seed)
+    int8 = backend == "onnxruntime"
+    calib = collect_calibration(model.eval(), diffusion, calib_n, seed) if int8 else []
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        quantize_model(model, calib, out_dir / ONNX)
-        meta = {"quantized": {"backend": "onnxruntime", "format": "QDQ int8", "calib_n": len(calib),
-                              "calib_steps": CALIB_STEPS, "fp32": list(FP32_NAMES)},
+        if int8:
+            quantize_model(model, calib, out_dir / ONNX)
+        else:
+            s = cfg.data.image_size
+            _export(model, (torch.zeros(2, cfg.data.channels or 3, s, s), torch.zeros(2)), out_dir / ONNX)
+        meta = {"quantized": {"backend": backend, "format": "QDQ int8" if int8 else "fp32", "calib_n": len(calib),
+                              "calib_steps": CALIB_STEPS, "fp32": list(FP32_NAMES) if int8 else ["all"]},
                 "config": cfg.to_dict(), "global_step": ckpt.get("global_step")}
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as exc:
