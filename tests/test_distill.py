@@ -232,12 +232,13 @@ def test_progressive_kill_and_resume_is_exact_across_a_stage_switch(teacher, mon
 
 @pytest.mark.parametrize("kw,match", [
     ({"steps": 3, "start_steps_": 8}, "cannot be reached by halving"),
+    ({"steps": 2, "start_steps_": 12}, "cannot be reached by halving"),
     ({"steps": 32}, "not below the teacher's 32 steps"),
     ({"steps": 4, "start_steps_": 64}, "the teacher has 32 steps"),
 ])
 def test_impossible_steps_are_one_line_errors(teacher, kw, match):
     with pytest.raises(DdpmError, match=match):
-        _distill(teacher, "progressive", "bad", **kw)
+        _distill(teacher, "progressive", "bad", images=8, **kw)
 
 
 def test_missing_or_wrong_teacher_is_a_one_line_error(teacher, tmp_path, capsys):
@@ -252,4 +253,5 @@ def test_missing_or_wrong_teacher_is_a_one_line_error(teacher, tmp_path, capsys)
     assert "not a PyTorch file" in capsys.readouterr().err
     _distill(teacher, "student", "st_for_teacher", pairs=8, images=8)
     with pytest.raises(DdpmError, match="itself a student model"):
-        distill(str(root / "models" / "st_for_teacher" / "ckpt.pt"), "progressive", "x", workdir=str(root))
+        distill(str(root / "models" / "st_for_teacher" / "ckpt.pt"), "progressive", "x", workdir=str(root),
+                images=8, batch_size=8, device="cpu", progress=False, log=lambda *a: None)
