@@ -2,7 +2,8 @@
 
 The teacher's deterministic sampler maps noise z to an image x = S(z); the student learns that
 map in one network evaluation: x^ = D_student(prior_std * z, sigma_max), trained with the mean
-squared error ||x^ - S(z)||^2 (their Eq. 4 uses this L2 loss on the images). The pairs (z, S(z))
+squared error ||x^ - S(z)||^2 (a regression on the teacher's samples, as in their paper; the
+exact loss and weighting of their Eq. are not reproduced here). The pairs (z, S(z))
 are made once by the teacher with DPM-Solver++(2M) (Lu et al. 2022) on its Karras grid, and kept
 in models/RUN/pairs.npy, a float32 memory-mapped array of shape (N, 2, C, H, W) ([:, 0] = z,
 [:, 1] = image in [-1, 1]). Pair k's noise depends only on (seed, k), and the count of finished
