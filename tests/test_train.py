@@ -237,3 +237,34 @@ def test_training_grids_are_readable_unless_native(image_folder, tmp_path, nativ
         width = img.size[0]
     # 2x2 grid of 8 px images with 2 px padding = 22 px native; enlarged by a whole factor to >= 256.
     assert width == (22 if native else 22 * 12)
+
+
+def test_lr_factor_warmup_then_cosine_to_zero():
+    f = train_module.lr_factor
+    assert [f(s, warmup=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert f(4, warmup=4, total=14, schedule="cosine") == 1.0
+    assert f(9, warmup=4, total=14, schedule="cosine") == pytest.approx(0.5)
+    assert f(14, warmup=4, total=14, schedule="cosine") == pytest.approx(0.0, abs=1e-12)
+    assert f(99, warmup=4, total=14, schedule="cosine") == pytest.approx(0.0, abs=1e-12)  # never negative
+
+
+def test_cosine_schedule_reaches_zero_at_the_last_step_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    straight = tmp_path / "a"
+    run(overrides(image_folder, straight, lr_schedule="cosine", epochs=3))
+    lrs = [lr for _, lr in states(straight)["history"]["lr"]]
+    assert lrs[-1] < 0.1 * max(lrs) and lrs[-1] < lrs[-2]  # falls to about 0 at the last step
+    calls = {"n": 0}
+    real_call = losses.VPLoss.__call__
+
+    def interrupting(self, net, x0, draws=None):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in epoch 1 (3 batches per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, net, x0, draws)
+
+    monkeypatch.setattr(losses.VPLoss, "__call__", interrupting)
+    ov = overrides(image_folder, tmp_path / "b", lr_schedule="cosine", epochs=3)
+    assert run(ov)["status"] == "stopped"
+    monkeypatch.setattr(losses.VPLoss, "__call__", real_call)
+    assert run(ov)["status"] == "finished"
+    assert_same_training_state(states(straight), states(tmp_path / "b"))

@@ -33,6 +33,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--lr", "train", "lr", float, "AdamW learning rate"),
     ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
     ("--warmup-steps", "train", "warmup_steps", int, "linear learning-rate warmup steps"),
+    ("--lr-schedule", "train", "lr_schedule", str, "after warmup: constant or cosine (decays to 0 at the last epoch)"),
     ("--grad-clip", "train", "grad_clip", float, "max gradient norm (0 = off)"),
     ("--ema-decay", "train", "ema_decay", float, "EMA decay of the weights (0 = off)"),
     ("--bf16", "train", "bf16", bool, "bf16 autocast on CPU or GPU (true/false)"),

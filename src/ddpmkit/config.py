@@ -110,6 +110,7 @@ class TrainConfig:
     lr: float = 3e-4                         # AdamW learning rate
     weight_decay: float = 0.0                # AdamW weight decay
     warmup_steps: int = 0                    # linear LR warmup over this many optimizer steps
+    lr_schedule: str = "constant"            # after warmup: constant | cosine (to 0 at the last step of --epochs)
     grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping
     ema_decay: float = 0.995                 # EMA of the weights (the seed's 0.995); 0 disables
     bf16: bool = False                       # bf16 autocast (CPU with AMX/AVX512-bf16, or a recent GPU)
@@ -310,11 +311,9 @@ def _check_autoencoder(cfg: Config) -> None:
            "autoencoder.kl_weight, disc_weight and disc_start must be >= 0")
 
 
-def validate(cfg: Config) -> Config:
-    """Reject impossible values with a message that names the field and the allowed range."""
-    from .samplers import SAMPLERS
-
-    m, d, data, t = cfg.model, cfg.diffusion, cfg.data, cfg.train
+def _validate_text(cfg: Config) -> None:
+    """Paths and names must be UTF-8 without NUL characters."""
+    data, t = cfg.data, cfg.train
     for where, text in (("train.run_name", t.run_name), ("train.workdir", t.workdir), ("data.path", data.path),
                         ("data.cache_dir", data.cache_dir)):
         try:
@@ -322,6 +321,10 @@ def validate(cfg: Config) -> Config:
         except UnicodeEncodeError:
             raise DdpmError(f"{where} {text!r} is not valid UTF-8 text") from None
         _check("\x00" not in text, f"{where} {text!r} contains a NUL character")
+
+
+def _validate_model(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
     _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
     _check(len(m.channel_mults) >= 1 and all(c >= 1 for c in m.channel_mults),
            f"model.channel_mults must be positive integers, got {list(m.channel_mults)}")
@@ -342,6 +345,9 @@ def validate(cfg: Config) -> Config:
            f"model.class_names has {len(m.class_names)} names for num_classes={m.num_classes}")
     _check(0.0 <= t.cond_drop < 1.0, f"train.cond_drop must be in [0, 1), got {t.cond_drop}")
 
+
+def _validate_diffusion(cfg: Config) -> None:
+    d = cfg.diffusion
     _check(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
     _check(d.schedule in ("linear", "cosine", "sigmoid"),
            f"diffusion.schedule must be linear, cosine or sigmoid, got '{d.schedule}'")
@@ -367,6 +373,9 @@ def validate(cfg: Config) -> Config:
            "diffusion.learn_sigma cannot be combined with zero_terminal_snr (the variational bound's x0 "
            "estimate is 0/0 at SNR 0); turn one of them off")
 
+
+def _validate_data(cfg: Config) -> None:
+    data, levels = cfg.data, len(cfg.model.channel_mults)
     _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
     factor = 2 ** (levels - 1)
@@ -378,6 +387,11 @@ def validate(cfg: Config) -> Config:
            f"(e.g. {max(factor, size // factor * factor)})")
     _check(data.channels in (0, 1, 3), f"data.channels must be 1, 3 or 0 (auto), got {data.channels}")
 
+
+def _validate_train(cfg: Config) -> None:
+    from .samplers import SAMPLERS
+
+    t = cfg.train
     _check(bool(t.run_name) and "/" not in t.run_name and "\\" not in t.run_name and t.run_name not in (".", ".."),
            f"train.run_name '{t.run_name}' must be a plain folder name")
     _check(t.epochs >= 0, f"train.epochs must be >= 0, got {t.epochs}")
@@ -386,6 +400,8 @@ def validate(cfg: Config) -> Config:
     _check(0 < t.lr <= 1, f"train.lr must be > 0 and <= 1, got {t.lr}")
     _check(0 <= t.weight_decay <= 10, f"train.weight_decay must be in [0, 10], got {t.weight_decay}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.lr_schedule in ("constant", "cosine"),
+           f"train.lr_schedule must be constant or cosine, got '{t.lr_schedule}'")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _check(0 <= t.seed < 2**63, f"train.seed must be in 0..2**63-1, got {t.seed}")
@@ -404,10 +420,22 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_sampler in SAMPLERS, f"train.eval_sampler '{t.eval_sampler}' is not one of {sorted(SAMPLERS)}")
     _check(t.eval_steps >= 1, f"train.eval_steps must be >= 1, got {t.eval_steps}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+
+
+def _validate_distill(cfg: Config) -> None:
+    from .samplers import SAMPLERS
+
     ds = cfg.distill
     _check(ds.method in ("", "progressive", "student", "consistency"),
            f"distill.method must be progressive, student, consistency or empty, got '{ds.method}'")
     _check(ds.steps >= 0, f"distill.steps must be >= 0, got {ds.steps}")
     _check(ds.sampler in SAMPLERS or ds.sampler == "",
            f"distill.sampler '{ds.sampler}' is not one of {sorted(SAMPLERS)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values with a message that names the field and the allowed range."""
+    for check in (_validate_text, _validate_model, _validate_diffusion, _validate_data, _validate_train,
+                  _validate_distill):
+        check(cfg)
     return cfg

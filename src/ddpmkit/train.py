@@ -27,6 +27,7 @@ is `ddpm train`, and other commands pass their own (`train(cfg, ckpt, task=...)`
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import random
 import dataclasses
@@ -187,6 +188,18 @@ CURVES_EVERY_S = 60.0  # curves.png is redrawn at a checkpoint save at most this
 HISTORY_CAP = 10_000  # points per logged curve kept in the checkpoint; beyond it every other one is dropped
 
 
+def lr_factor(step: int, warmup: int = 0, total: int = 0, schedule: str = "constant") -> float:
+    """The learning rate of optimizer step `step` as a fraction of train.lr: a linear warm-up over
+    `warmup` steps, then constant, or (schedule "cosine") a half cosine from 1 down to 0 at step
+    `total`, the run's last step (Loshchilov & Hutter 2017, SGDR Eq. 5 without restarts)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def draw_seed(seed: int, stream: int, epoch: int, batch: int, rank: int = 0) -> int:
     """A 64-bit seed that depends only on the run's seed, the stream and the data position."""
     return int(np.random.SeedSequence([seed, stream, epoch, batch, rank]).generate_state(1, np.uint64)[0])
@@ -330,8 +343,9 @@ class _Trainer:
         if flag is not None and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(flag)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        warmup = t.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        total = t.epochs * math.ceil(self.n_batches / t.grad_accum)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, functools.partial(lr_factor, warmup=t.warmup_steps, total=total, schedule=t.lr_schedule))
         return TrainState(model, ema, opt, sched), diffusion
 
     def _restore(self, ckpt: dict[str, Any] | None) -> None:
