@@ -171,6 +171,16 @@ def _add_train_ae_parser(sub, fmt) -> None:
     _add_train_args(p, AE_FLAGS)
 
 
+def _add_derived_run_options(p: argparse.ArgumentParser, source: str, lr_default: str) -> None:
+    """The run options of a command that trains from another checkpoint (distill, prune), whose
+    defaults come from `source` (that checkpoint)."""
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"images per batch (default: the {source}'s)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {lr_default})")
+    p.add_argument("--device", default=None, help=f"auto | cpu | cuda | cuda:N | mps (default: the {source}'s)")
+    p.add_argument("--workdir", default=".", help="folder that holds models/, results/ and runs/ (default: .)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .samplers import SAMPLERS, SPACINGS, describe_defaults
@@ -256,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
     ex.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json to")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    distill_command.add_parser(sub, _positive_int)
-    compress_command.add_parsers(sub, _positive_int)
+    distill_command.add_parser(sub, _positive_int, _add_derived_run_options)
+    compress_command.add_parsers(sub, _positive_int, _add_derived_run_options)
     return parser
 
 

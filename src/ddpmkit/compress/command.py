@@ -10,7 +10,7 @@ EXAMPLES = """examples:
 """
 
 
-def add_parsers(sub, positive_int) -> None:
+def add_parsers(sub, positive_int, add_run_options) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("prune", help="prune a trained model's channels, then fine-tune it", epilog=EXAMPLES,
                        formatter_class=fmt,
@@ -23,11 +23,7 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--run-name", required=True, help="names models/RUN, results/RUN and runs/RUN")
     p.add_argument("--finetune-images", type=positive_int, default=None, help="fine-tuning images, rounded up "
                    "to whole epochs (default: 10%% of the images the model was trained on)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the model's)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the model's)")
-    p.add_argument("--workdir", default=".", help="folder that holds models/, results/ and runs/ (default: .)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "model", "the model's")
     q = sub.add_parser("quantize", help="int8 post-training quantization for CPU (ONNX Runtime)", epilog=EXAMPLES,
                        formatter_class=fmt,
                        description="Static int8 quantization calibrated on (x_t, t) pairs from the model's own sampling "

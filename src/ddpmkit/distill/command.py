@@ -11,7 +11,7 @@ DISTILL_EXAMPLES = """examples:
 """
 
 
-def add_parser(sub, positive_int) -> None:
+def add_parser(sub, positive_int, add_run_options) -> None:
     from . import DEFAULT_IMAGES, DEFAULT_STEPS, METHODS
 
     p = sub.add_parser("distill", help="distil a trained model into a few-step student",
@@ -33,11 +33,7 @@ def add_parser(sub, positive_int) -> None:
                    "(DPM-Solver++(2M), 20 steps; default 2000)")
     p.add_argument("--start-steps", type=positive_int, default=None, help="progressive: the teacher's DDIM "
                    "steps to halve from (default: the largest --steps * 2^k up to 64 and the teacher's T)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the teacher's)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (default: the teacher's)")
-    p.add_argument("--workdir", default=".", help="folder that holds models/, results/ and runs/ (default: .)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "teacher", "1e-4")
 
 
 def run(args: argparse.Namespace) -> int:
