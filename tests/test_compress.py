@@ -183,3 +183,18 @@ def test_a_missing_extra_is_a_one_line_error_naming_the_install(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(DdpmError, match=r"pip install -e \.\[compress\]"):
         require("torch_pruning", "ddpm prune")
+
+
+def test_prune_fine_tune_starts_from_the_pruned_teacher_weights(image_folder, tmp_path, monkeypatch,
+                                                               one_torch_thread):
+    teacher = _teacher(image_folder, tmp_path, monkeypatch)
+    ckpt = P.load_checkpoint(teacher)
+    cfg = P.config_of(ckpt, teacher)
+    data = P.PruneTask(None, 0.5, teacher).data(cfg, lambda *a: None)
+    _, expected = P._pruned(cfg, ckpt, teacher, 0.5, data, lambda *a: None)
+    # A fine-tune at a vanishing learning rate must end where it started: the teacher's pruned weights.
+    P.prune(teacher, 0.5, "frozen", finetune_images=8, lr=1e-12, workdir=str(tmp_path), **QUIET)
+    got = torch.load(tmp_path / "models" / "frozen" / "ckpt.pt", weights_only=True)["model_state_dict"]
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=1e-6), k
