@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -223,7 +224,7 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
     if summary["status"] != "finished":
         sys.exit(f"ddpmkit training ended as '{summary['status']}', not finished")
     model, diffusion, cfg = load_model(summary["ckpt"])
-    return {"model": model, "diffusion": diffusion, "cfg": cfg, "train_s": wall, "images": epochs * n_train,
+    return {"model": model, "diffusion": diffusion, "cfg": cfg, "train_s": wall, "ckpt": summary["ckpt"], "images": epochs * n_train,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -396,6 +397,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier-epochs", type=int, default=40, help="digit classifier epochs (default: 40; "
                    "fewer only for smoke tests: the metric changes with the classifier)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
+    p.add_argument("--keep-ckpt", metavar="PATH", help="copy ddpmkit's trained checkpoint here (a teacher for "
+                   "bench_distill.py, a model for bench_compress.py)")
     return p.parse_args(argv)
 
 
@@ -422,6 +425,9 @@ def main(argv=None) -> None:
             params = run["params"]
             info["ddpmkit"] = {"params": params, "images": run["images"], "model": str(run["cfg"].model)}
             print(f"ddpmkit: {params:,} parameters, {run['images']} images in {run['train_s']:.0f} s", file=sys.stderr)
+            if args.keep_ckpt:
+                Path(args.keep_ckpt).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run["ckpt"], args.keep_ckpt)
             rows += system_rows("ddpmkit", run, score, args)
     if "diffusers" in systems:
         try:
