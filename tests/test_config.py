@@ -1,6 +1,6 @@
 import pytest
 
-from ddpmkit.config import Config, apply_overrides, from_dict, load_file, validate
+from ddpmkit.config import Config, apply_overrides, from_dict, load_file, new_run_config, validate
 from ddpmkit.errors import DdpmError
 
 
@@ -10,6 +10,21 @@ def test_defaults_are_the_seeds_launch_values():
         ("DDPM_Unconditional", 500, 8, 64, 3e-4)
     assert (cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1000, 1e-4, 0.02)
     validate(cfg)
+
+
+def test_a_new_run_gets_the_measured_recipe_and_an_old_config_keeps_its_meaning(tmp_path):
+    from ddpmkit.train import prepare
+
+    cfg, _ = prepare({"train": {"workdir": str(tmp_path)}})
+    assert (cfg.diffusion.prediction, cfg.train.lr_schedule) == ("v", "cosine")
+    assert cfg.train.lr == 3e-4 and cfg.model.size == "seed"  # the seed's launch() values stay
+    assert prepare({"diffusion": {"prediction": "eps"}, "train": {"workdir": str(tmp_path)}})[0] \
+        .diffusion.prediction == "eps"
+    # A stored config written before these keys existed (or before the recipe) reads as it was meant.
+    stored = new_run_config().to_dict()
+    del stored["diffusion"]["prediction"], stored["train"]["lr_schedule"]
+    old = from_dict(stored)
+    assert (old.diffusion.prediction, old.train.lr_schedule) == ("eps", "constant")
 
 
 def test_round_trip_through_dict():

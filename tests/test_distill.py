@@ -135,7 +135,7 @@ def teacher(tmp_path_factory):
     torch.set_num_threads(1)
     train_module.DRAW_CURVES = False
     cfg, ckpt = prepare({"data": {"path": str(folder), "image_size": 8}, "model": TINY,
-                         "diffusion": {"timesteps": 32},
+                         "diffusion": {"timesteps": 32, "prediction": "eps"},
                          "train": {"workdir": str(root), "run_name": "teacher", "epochs": 1, "batch_size": 8,
                                    "sample_every_epochs": 0, "device": "cpu", "sample_n": 4}})
     train(cfg, ckpt, progress=False, log=lambda *a: None)

@@ -159,8 +159,9 @@ def test_logged_history_survives_resume_and_is_drawn(image_folder, tmp_path, mon
     drawn = []
     real_write = curves.write_curves
     monkeypatch.setattr(curves, "write_curves", lambda h, path: (drawn.append(path), real_write(h, path))[1])
-    run(overrides(image_folder, tmp_path, epochs=1))  # 3 steps, log_every 1
-    run(overrides(image_folder, tmp_path, epochs=2))
+    constant = {"lr_schedule": "constant"}
+    run(overrides(image_folder, tmp_path, epochs=1, **constant))  # 3 steps, log_every 1
+    run(overrides(image_folder, tmp_path, epochs=2, **constant))
     history = states(tmp_path)["history"]
     assert [s for s, _ in history["loss"]] == [1, 2, 3, 4, 5, 6]  # the first run's points survived the resume
     assert history["lr"] == [(s, pytest.approx(3e-4)) for s in range(1, 7)]  # the warm-up of 2 steps ends at step 1

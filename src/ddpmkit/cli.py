@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRESETS, Config, load_file
+from .config import PRESETS, load_file, new_run_config
 from .compress import command as compress_command
 from .distill import command as distill_command
 from .errors import DdpmError
 from .guidance import commands as guidance_commands
 
-_DEFAULTS = Config()
+_DEFAULTS = new_run_config()
 
 # flag -> (section, key, type, help); defaults shown come from the config dataclasses.
 TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [

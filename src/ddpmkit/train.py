@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
                          save_training)
-from .config import Config, apply_overrides, validate
+from .config import Config, apply_overrides, new_run_config, validate
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
@@ -116,7 +116,7 @@ def prepare(overrides: dict[str, dict[str, Any]], fresh: bool = False, log: Call
     only the given overrides change it; changing the model, the diffusion or the image format of
     an existing run is an error.
     """
-    cfg = validate(apply_overrides(Config(), overrides))
+    cfg = validate(apply_overrides(new_run_config(), overrides))
     paths = RunPaths.of(cfg)
     if fresh or not paths.ckpt.exists():
         return cfg, None
