@@ -286,7 +286,10 @@ def prune(ckpt_path: str, ratio: float, run_name: str, finetune_images: int | No
     teacher = config_of(ckpt, ckpt_path)
     _check_prunable(teacher, ckpt_path)
     given = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("device", device)) if v is not None}
-    run = dict(run_name=run_name, workdir=workdir, warmup_steps=0, eval_every_steps=0, **given)
+    # A constant LR, whatever the teacher's schedule: the fine-tune's length is open-ended (a
+    # larger --finetune-images continues it), and a decay would restart part-way when it grows.
+    run = dict(run_name=run_name, workdir=workdir, warmup_steps=0, lr_schedule="constant", eval_every_steps=0,
+               **given)
     cfg = validate(dataclasses.replace(teacher, train=dataclasses.replace(teacher.train, **run)))
     path = RunPaths.of(cfg).ckpt
     with RunLock(path.parent, run_name):
