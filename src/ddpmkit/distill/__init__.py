@@ -75,8 +75,10 @@ def _run_config(teacher: Config, teacher_path: str, method: str, steps: int, tra
     d = teacher.diffusion
     if method == "progressive" and d.objective == "vp" and d.prediction == "eps":
         d = dataclasses.replace(d, prediction="v")  # Salimans & Ho §4: not eps at few steps
-    t = dataclasses.replace(teacher.train, epochs=0, warmup_steps=0, sample_every_epochs=0, eval_every_steps=0,
-                            class_cond=False, grad_accum=1, ckpt_every_steps=0, **train)
+    # Constant LR, as before the new-run recipe made the teacher's cosine: a distillation's length
+    # is set by its stages and --images, not by the teacher's --epochs.
+    t = dataclasses.replace(teacher.train, epochs=0, warmup_steps=0, lr_schedule="constant", sample_every_epochs=0,
+                            eval_every_steps=0, class_cond=False, grad_accum=1, ckpt_every_steps=0, **train)
     record = DistillConfig(method=method, teacher=str(teacher_path), steps=steps, sampler=SAMPLER[method])
     return validate(dataclasses.replace(teacher, diffusion=d, train=t, distill=record))
 
