@@ -63,6 +63,28 @@ def test_guidance_weight_one_is_conditional_and_zero_is_null_exactly(net):
     torch.testing.assert_close(resc.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-4, atol=1e-5)
 
 
+def test_guidance_interval_guides_inside_and_is_conditional_outside():
+    """Kynkaanniemi et al. (2024): guidance only for lo < sigma <= hi, the conditional model elsewhere,
+    for a scalar sigma and for one sigma per row."""
+    net = _nets()[0]
+    d = Diffusion(img_size=8, channels=1, noise_steps=50)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+
+    def den(interval, sigma, w=3.0):
+        return build_denoiser(d, net, y, guidance=w, clip=False, interval=interval)(x, sigma)
+
+    for sigma in (0.5, 3.0, 20.0):
+        full, cond = den(None, torch.tensor(sigma)), den(None, torch.tensor(sigma), w=1.0)
+        assert not torch.allclose(full, cond)
+        assert torch.equal(den((1.0, 10.0), torch.tensor(sigma)), full if 1.0 < sigma <= 10.0 else cond)
+    assert torch.equal(den((1.0, 3.0), torch.tensor(3.0)), den(None, torch.tensor(3.0)))  # hi is inside
+    rows = torch.tensor([0.5, 3.0, 20.0, 5.0])
+    mixed, full, cond = den((1.0, 10.0), rows), den(None, rows), den(None, rows, w=1.0)
+    inside = torch.tensor([False, True, False, True])
+    torch.testing.assert_close(mixed[inside], full[inside], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[~inside], cond[~inside], rtol=0, atol=1e-6)
+
+
 def test_unconditional_models_keep_their_state_dict():
     """Only a conditional network has the class table; an unconditional one is exactly as before."""
     for arch in ("adm", "unet"):
@@ -238,6 +260,10 @@ def test_bad_inputs_are_one_line_errors(checkpoints, tmp_path, capsys):
     assert "unknown class 'seven'" in _error(capsys, ["sample", "--ckpt", cond, "--class", "seven", *common])
     assert "class-conditional" in _error(capsys, ["sample", "--ckpt", uncond, "--class", "top", *common])
     assert "class-conditional" in _error(capsys, ["sample", "--ckpt", uncond, "--guidance", "3", *common])
+    assert "class-conditional" in _error(capsys, ["sample", "--ckpt", uncond, "--guidance-interval", "1", "9",
+                                                  *common])
+    assert "0 <= LO < HI" in _error(capsys, ["sample", "--ckpt", cond, "--guidance", "2", "--guidance-interval", "5",
+                                             "1", *common])
     big = _png(tmp_path / "big.png", np.zeros((16, 16)))
     assert "16x16" in _error(capsys, ["sample", "--ckpt", uncond, "--inpaint", image, "--mask", big, *common])
     rgb = _png(tmp_path / "rgb.png", np.zeros((8, 8, 3)), "RGB")

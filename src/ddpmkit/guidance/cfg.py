@@ -10,6 +10,11 @@ The optional rescale is Lin et al. (2024), "Common Diffusion Noise Schedules and
 Flawed", §3.4, Eqs. (15)-(16): x_rescaled = x_cfg * std(x_cond) / std(x_cfg), then
 x_final = phi x_rescaled + (1 - phi) x_cfg, with std over each sample's pixels. They apply it to
 the (v) prediction; here it acts on the x0 estimate, which is what over-saturates at large w.
+
+The optional interval is Kynkaanniemi et al. (2024), "Applying Guidance in a Limited Interval
+Improves Sample and Distribution Quality in Diffusion Models", §3: guidance acts only for noise
+levels sigma in (lo, hi] and the plain conditional model (w = 1) runs elsewhere. Guidance at high
+noise is what collapses the diversity of the samples; at low noise it does little.
 """
 from __future__ import annotations
 
@@ -51,14 +56,18 @@ class GuidedDenoiser(nn.Module):
     all) before each batch. w = 1 runs only the conditional prediction and w = 0 only the null
     one, so both are exactly the plain predictions; any other w runs cond and null rows as one
     batch of 2B. `clip` clamps the guided estimate to [-1, 1] (after mixing, not before).
+    `interval` = (lo, hi) limits guidance to lo < sigma <= hi (VE sigma, the samplers' own); outside
+    it a row gets w = 1, exactly the conditional prediction.
     The sampler-facing attributes (noise levels, prior) are the base denoiser's.
     """
 
     def __init__(self, base: nn.Module, binding: LabelledNet, null: int, labels: torch.Tensor | None = None,
-                 guidance: float = 1.0, rescale_phi: float = 0.0, clip: bool = False):
+                 guidance: float = 1.0, rescale_phi: float = 0.0, clip: bool = False,
+                 interval: tuple[float, float] | None = None):
         super().__init__()
         self.base, self.binding, self.null = base, binding, null
         self.labels, self.guidance, self.rescale_phi, self.clip = labels, float(guidance), rescale_phi, clip
+        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
         for name in ("discrete_sigmas", "sigma_min", "sigma_max", "learned_variance"):
             if hasattr(base, name):
                 setattr(self, name, getattr(base, name))
@@ -78,10 +87,21 @@ class GuidedDenoiser(nn.Module):
         finally:
             self.binding.labels = None
 
+    def _inside(self, sigma: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+        """Per row: whether guidance applies at this sigma (always, without an interval)."""
+        sigma = torch.as_tensor(sigma, device=device).reshape(-1).expand(n)
+        if self.interval is None:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        lo, hi = self.interval
+        return (sigma > lo) & (sigma <= hi)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, return_variance: bool = False):
         y = self._labels(x.shape[0], x.device)
         w = self.guidance
-        if w in (0.0, 1.0) or self.labels is None:
+        inside = self._inside(sigma, x.shape[0], x.device)
+        if not bool(inside.any()):
+            w = 1.0  # the whole batch is outside the interval: the conditional model alone
+        if w == 1.0 or self.labels is None or (w == 0.0 and bool(inside.all())):
             out = self._call(x, sigma, y if w != 0.0 else torch.full_like(y, self.null), return_variance)
             x0, var = out if return_variance else (out, None)
         else:
@@ -91,6 +111,8 @@ class GuidedDenoiser(nn.Module):
             both, var = out if return_variance else (out, None)
             cond, null = both.chunk(2)
             x0 = rescale(null + w * (cond - null), cond, self.rescale_phi)
+            if not bool(inside.all()):
+                x0 = torch.where(inside.view(-1, *[1] * (x0.dim() - 1)), x0, cond)
             var = None if var is None else var.chunk(2)[0]  # the variance of the conditional model
         if self.clip:
             x0 = x0.clamp(-1, 1)

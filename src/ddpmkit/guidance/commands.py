@@ -16,7 +16,7 @@ EDIT_EXAMPLES = """examples:
 
 
 def add_condition_args(p: argparse.ArgumentParser) -> None:
-    """--class / --guidance / --rescale, shared by `sample` and `edit`."""
+    """--class / --guidance / --rescale / --guidance-interval, shared by `sample` and `edit`."""
     p.add_argument("--class", dest="klass", metavar="NAME_OR_INDEX", default=None,
                    help="class of a class-conditional model (a name stored in the checkpoint, or an index); "
                    "without it a conditional model draws one labelled row per class")
@@ -25,6 +25,9 @@ def add_condition_args(p: argparse.ArgumentParser) -> None:
                    "(default: 1)")
     p.add_argument("--rescale", type=float, default=0.0, metavar="PHI",
                    help="guidance rescale of Lin et al. (2024) in [0, 1] (default: 0 = off)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024; sigma = "
+                   "sqrt((1 - alpha_bar) / alpha_bar), 0.01 to 157 for the linear schedule); elsewhere W = 1")
 
 
 def add_sample_args(sa: argparse.ArgumentParser) -> None:
@@ -62,15 +65,18 @@ def add_edit_parser(sub) -> None:
 def _check_guidance(args, model_cfg) -> None:
     if not 0.0 <= args.rescale <= 1.0:
         raise DdpmError(f"--rescale must be in [0, 1], got {args.rescale}")
-    if model_cfg.num_classes == 0 and (args.guidance != 1.0 or args.rescale):
-        raise DdpmError("--guidance and --rescale need a class-conditional model; this checkpoint was trained "
-                        "without --class-cond")
+    interval = getattr(args, "guidance_interval", None)
+    if interval is not None and not 0.0 <= interval[0] < interval[1]:
+        raise DdpmError(f"--guidance-interval LO HI needs 0 <= LO < HI, got {interval[0]:g} {interval[1]:g}")
+    if model_cfg.num_classes == 0 and (args.guidance != 1.0 or args.rescale or interval is not None):
+        raise DdpmError("--guidance, --rescale and --guidance-interval need a class-conditional model; this "
+                        "checkpoint was trained without --class-cond")
 
 
 def wants_conditional(args, model_cfg) -> bool:
     """Whether `ddpm sample` goes through this module instead of the plain (distributed) path."""
     return bool(args.klass is not None or args.inpaint or args.mask or model_cfg.num_classes
-                or args.guidance != 1.0 or args.rescale)
+                or args.guidance != 1.0 or args.rescale or getattr(args, "guidance_interval", None) is not None)
 
 
 def sample(args, model, diffusion, cfg, options: dict, out: Path | None) -> int:
@@ -97,6 +103,7 @@ def sample(args, model, diffusion, cfg, options: dict, out: Path | None) -> int:
         per_class = max(1, args.n // k)
         labels, n = class_rows(k, per_class), k * per_class
     images = generate(diffusion, model, n, labels=labels, guidance=args.guidance, rescale_phi=args.rescale,
+                      interval=args.guidance_interval,
                       known=known, mask=mask, resample=args.resample, sampler=args.sampler, steps=args.steps,
                       seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, bf16=args.bf16,
                       clip={"auto": None, "on": True, "off": False}[getattr(args, "clip", "auto")], **options)
@@ -132,6 +139,7 @@ def edit(args, load) -> int:
     init = load_guide(args.init, cfg.data.image_size, diffusion.channels, "--init image", exact=False)
     labels = None if args.klass is None else torch.tensor([parse_class(args.klass, cfg.model)])
     images = generate(diffusion, model, args.n, labels=labels, guidance=args.guidance, rescale_phi=args.rescale,
+                      interval=args.guidance_interval,
                       init=init, strength=strength, sampler=args.sampler, steps=args.steps, seed=args.seed,
                       bf16=args.bf16)
     save_images(images, args.out, min_width=0 if args.native_size else READABLE_WIDTH,

@@ -22,7 +22,8 @@ def num_classes(model: nn.Module) -> int:
 
 
 def build_denoiser(diffusion, model: nn.Module, labels: torch.Tensor | None = None, guidance: float = 1.0,
-                   rescale_phi: float = 0.0, bf16: bool = False, clip: bool | None = None) -> nn.Module:
+                   rescale_phi: float = 0.0, bf16: bool = False, clip: bool | None = None,
+                   interval: tuple[float, float] | None = None) -> nn.Module:
     """D(x, sigma) of `model`: plain for an unconditional one, a GuidedDenoiser for a conditional one
     (labels None = the null class, i.e. unconditional sampling of a conditional model)."""
     k = num_classes(model)
@@ -37,7 +38,7 @@ def build_denoiser(diffusion, model: nn.Module, labels: torch.Tensor | None = No
     base = diffusion.denoiser(binding, bf16)
     base.clip_denoised = False  # clipped after mixing, in GuidedDenoiser
     return GuidedDenoiser(base, binding, null=k, labels=labels, guidance=guidance, rescale_phi=rescale_phi,
-                          clip=clip)
+                          clip=clip, interval=interval)
 
 
 def _rows(value: torch.Tensor | None, start: int, b: int) -> torch.Tensor | None:
@@ -72,14 +73,15 @@ def _run_chunk(denoiser, shape, sampler: str, steps, seed: int, first_index: int
 
 @torch.inference_mode()
 def generate(diffusion, model: nn.Module, n: int, *, labels: torch.Tensor | None = None, guidance: float = 1.0,
-             rescale_phi: float = 0.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             rescale_phi: float = 0.0, interval: tuple[float, float] | None = None,
+             known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
              resample: int = 1, init: torch.Tensor | None = None, strength: float = 1.0, sampler: str = "ddpm",
              steps: int | None = None, seed: int = 0, first_index: int = 0, batch_size: int | None = None,
              spacing: str | None = None, bf16: bool = False, clip: bool | None = None, **options) -> torch.Tensor:
     """`n` images in [-1, 1], (n, C, H, W) on the CPU.
 
-    labels: class per image (or one for all; None = unconditional); guidance w and rescale phi as
-    in `cfg`. known + mask: inpaint (mask 1 = generate), `resample` = RePaint's U. init + strength:
+    labels: class per image (or one for all; None = unconditional); guidance w, rescale phi and
+    the guidance interval (lo, hi] in sigma as in `cfg`. known + mask: inpaint (mask 1 = generate), `resample` = RePaint's U. init + strength:
     SDEdit from `init` (strength 0 returns it; 1 is an ordinary sample from the same seed).
     """
     if init is not None and strength == 0.0:
@@ -96,7 +98,7 @@ def generate(diffusion, model: nn.Module, n: int, *, labels: torch.Tensor | None
             b = min(batch_size, n - start)
             y = _rows(labels, start, b)
             den = build_denoiser(diffusion, model, None if y is None else y.to(device), guidance, rescale_phi,
-                                 bf16, clip)
+                                 bf16, clip, interval)
             if known is not None:
                 den = InpaintDenoiser(den, _rows(known, start, b).to(device), _rows(mask, start, b).to(device))
             x = _run_chunk(den, (b, diffusion.channels, diffusion.img_size, diffusion.img_size), sampler, steps,
