@@ -94,6 +94,8 @@ def test_prune_command_fine_tunes_resumes_exactly_and_loads(image_folder, tmp_pa
     for key in ("model_state_dict", "ema_state_dict"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert a["config"]["model"]["pruned"] and a["task_state"]["ratio"] == 0.5
+    teacher_lr = torch.load(teacher, weights_only=True)["config"]["train"]["lr"]
+    assert a["config"]["train"]["lr"] == pytest.approx(P.FINETUNE_LR_SHARE * teacher_lr)  # the default fine-tune LR
     model, diffusion, cfg = load_model(tmp_path / "models" / "straight" / "ckpt.pt")
     assert sum(p.numel() for p in model.parameters()) < sum(
         p.numel() for p in model_from_config(Config(model=ModelConfig(**{**cfg.model.__dict__, "pruned": ()}),

@@ -23,7 +23,7 @@ def add_parsers(sub, positive_int, add_run_options) -> None:
     p.add_argument("--run-name", required=True, help="names models/RUN, results/RUN and runs/RUN")
     p.add_argument("--finetune-images", type=positive_int, default=None, help="fine-tuning images, rounded up "
                    "to whole epochs (default: 10%% of the images the model was trained on)")
-    add_run_options(p, "model", "the model's")
+    add_run_options(p, "model", "0.3 x the model's")
     q = sub.add_parser("quantize", help="int8 post-training quantization for CPU (ONNX Runtime)", epilog=EXAMPLES,
                        formatter_class=fmt,
                        description="Static int8 quantization calibrated on (x_t, t) pairs from the model's own sampling "
