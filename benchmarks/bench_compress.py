@@ -1,19 +1,23 @@
 """Pruning and int8 quantization of a trained model: size, cost, speed and FID per variant.
 
     python benchmarks/bench_compress.py --ckpt models/digits/ckpt.pt [-n 1000] [--extractor inception]
-        [--finetune-images N] [--threads 1] [--workdir bench_compress]
+        [--finetune-images N] [--threads 1] [--workdir bench_compress] [--digits-fd] [--reuse]
 
 Rows: fp32; bf16 autocast; pruned 30% and 50% (`ddpm prune`, fine-tuned); int8 (`ddpm quantize`);
 pruned 50% + int8. Columns: parameters, MACs per image (one network call, Torch-Pruning's
 counter; int8 rows have their fp32 source's MACs), checkpoint size on disk, sampling img/s at
 20 NFE (dpm++2m) at batch 1 and batch 64 in this one process and thread count, FID of n samples
 against the checkpoint's training data through `ddpm eval`'s scoring (scoring.reference_stats /
-sample_features / score; extractor named in the output), and the fine-tuning wall time.
+sample_features / score; extractor named in the output), with --digits-fd also bench_quality's
+digit-classifier FD against its held-out digits (the metric the quality benchmark trusts; the
+randconv FID barely moves on 16 px digits), and the fine-tuning wall time.
 Speeds on a shared machine vary; compare rows of one run, not runs. Prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,19 +55,28 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
 
 
+def _digits_fd(model, diffusion, n: int, bf16: bool, scorer) -> float:
+    """bench_quality's FD in its digit classifier's features, against its held-out split B."""
+    x = diffusion.generate(model, n, sampler="dpm++2m", steps=NFE, seed=0, batch_size=250, progress=False, bf16=bf16)
+    return scorer(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy())["fd"]
+
+
 def row(name: str, path: Path, args, extractor, real, bf16: bool = False, finetune_s: float | None = None,
-        macs_from=None) -> dict:
+        macs_from=None, scorer=None) -> dict:
     model, diffusion, cfg = load_model(path)
     params = sum(p.numel() for p in model.parameters()) if any(True for _ in model.parameters()) else None
     macs = _macs(model, cfg) if macs_from is None else macs_from["macs"]
     params = params if params is not None else (macs_from or {}).get("params")
-    fid = None
-    if args.n:
-        feats = sample_features(model, diffusion, args.n, extractor, sampler="dpm++2m", steps=NFE, seed=0,
+    n = args.n_bf16 if bf16 else args.n
+    fid = digits = None
+    if n:
+        feats = sample_features(model, diffusion, n, extractor, sampler="dpm++2m", steps=NFE, seed=0,
                                 bf16=bf16, progress=False)
         fid = score(real, feats, extractor)["fid"]
+        digits = None if scorer is None else _digits_fd(model, diffusion, n, bf16, scorer)
     return {"name": name, "params": params, "macs": macs, "size": _size(path), "b1": _speed(model, diffusion, 1, bf16, 3),
-            "b64": _speed(model, diffusion, 64, bf16, 1), "fid": fid, "finetune_s": finetune_s}
+            "b64": _speed(model, diffusion, 64, bf16, 1), "n": n, "fid": fid, "digits_fd": digits,
+            "finetune_s": finetune_s}
 
 
 def _fmt(r: dict) -> str:
@@ -71,8 +84,23 @@ def _fmt(r: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     return (f"| {r['name']} | {num(r['params'] and r['params'] / 1e6, '.3f')}M | {num(r['macs'] and r['macs'] / 1e6, '.1f')}M "
-            f"| {r['size'] / 1e6:.2f} MB | {r['b1']:.2f} | {r['b64']:.2f} | {num(r['fid'], '.2f')} "
-            f"| {num(r['finetune_s'], '.0f')} |")
+            f"| {r['size'] / 1e6:.2f} MB | {r['b1']:.2f} | {r['b64']:.2f} | {r['n']} | {num(r['fid'], '.4g')} "
+            f"| {num(r['digits_fd'], '.2f')} | {num(r['finetune_s'], '.0f')} |")
+
+
+def _pruned(args, ratio: float, work: Path) -> tuple[Path, float | None]:
+    """`ddpm prune` at `ratio` (or, with --reuse, the run an earlier call left); its fine-tune seconds."""
+    name = f"pruned{int(ratio * 100)}"
+    ckpt, times = work / "models" / name / "ckpt.pt", work / "finetune_s.json"
+    known = json.loads(times.read_text()) if times.exists() else {}
+    if args.reuse and ckpt.exists():
+        return ckpt, known.get(name)
+    start = time.perf_counter()
+    prune(args.ckpt, ratio, name, finetune_images=args.finetune_images, workdir=str(work), progress=False,
+          log=lambda *a: None)
+    known[name] = time.perf_counter() - start
+    times.write_text(json.dumps(known))
+    return ckpt, known[name]
 
 
 def main() -> None:
@@ -83,31 +111,44 @@ def main() -> None:
     p.add_argument("--finetune-images", type=int, default=None, help="per pruned model (default: 10%% of the teacher's)")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (the same for every row)")
     p.add_argument("--workdir", default="bench_compress", help="where the pruned runs and int8 folders go")
+    p.add_argument("--n-bf16", type=int, default=250, help="samples for the bf16 row's FID (slow where bf16 is "
+                   "emulated)")
+    p.add_argument("--digits-fd", action="store_true", help="also score bench_quality's digit-classifier FD (a "
+                   "model trained by bench_quality.py --keep-ckpt on its split A)")
+    p.add_argument("--reuse", action="store_true", help="reuse the pruned runs and int8 folders in --workdir")
+    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     extractor = make_extractor(args.extractor)
     _, _, cfg = load_model(args.ckpt)
     real = reference_stats(cfg.data.path, cfg.data.image_size, cfg.data.channels, extractor, log=lambda *a: None)
-    rows = [row("fp32", Path(args.ckpt), args, extractor, real), row("bf16 autocast", Path(args.ckpt), args, extractor, real, bf16=True)]
+    scorer = None
+    if args.digits_fd:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_quality import Scorer, digit_splits
+
+        scorer = Scorer(digit_splits(0))
+    kw = dict(args=args, extractor=extractor, real=real, scorer=scorer)
+    rows = [row("fp32", Path(args.ckpt), **kw), row("bf16 autocast", Path(args.ckpt), bf16=True, **kw)]
     pruned = {}
     for ratio in (0.3, 0.5):
-        name = f"pruned{int(ratio * 100)}"
-        start = time.perf_counter()
-        prune(args.ckpt, ratio, name, finetune_images=args.finetune_images, workdir=str(work), progress=False,
-              log=lambda *a: None)
-        pruned[ratio] = work / "models" / name / "ckpt.pt"
-        rows.append(row(f"pruned {int(ratio * 100)}% + fine-tune", pruned[ratio], args, extractor, real,
-                        finetune_s=time.perf_counter() - start))
+        pruned[ratio], seconds = _pruned(args, ratio, work)
+        rows.append(row(f"pruned {int(ratio * 100)}% + fine-tune", pruned[ratio], finetune_s=seconds, **kw))
     for name, src, ref in (("int8", Path(args.ckpt), rows[0]), ("pruned 50% + int8", pruned[0.5], rows[3])):
-        out = quantize(src, work / name.replace(" ", "_").replace("%", "").replace("+", "p"))
-        rows.append(row(name, out, args, extractor, real, macs_from=ref))
+        folder = work / name.replace(" ", "_").replace("%", "").replace("+", "p")
+        out = folder if args.reuse and (folder / ONNX).exists() else quantize(src, folder)
+        rows.append(row(name, out, macs_from=ref, **kw))
         rows[-1]["size"] = (out / ONNX).stat().st_size
-    print(f"threads {args.threads}; FID: n={args.n}, extractor {extractor.name}, dpm++2m {NFE} steps, vs {cfg.data.path}")
-    print("| variant | params | MACs/img | size | img/s b=1 | img/s b=64 | FID | fine-tune s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"threads {args.threads}; FID: extractor {extractor.name}, dpm++2m {NFE} steps, n per row, vs "
+          f"{cfg.data.path}" + ("; digits FD: bench_quality's classifier features vs its held-out split B"
+                                if scorer else ""))
+    print("| variant | params | MACs/img | size | img/s b=1 | img/s b=64 | n | FID | digits FD | fine-tune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_fmt(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
