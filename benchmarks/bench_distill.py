@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,21 +24,23 @@ from ddpmkit.distill import distill
 from ddpmkit.samplers import nfe
 
 
-def _time_1000(model, diffusion, sampler, steps, n_time, batch):
-    """Seconds to draw 1000 images, measured on n_time images and scaled."""
-    start = time.perf_counter()
-    diffusion.generate(model, n_time, sampler=sampler, steps=steps, seed=1, batch_size=batch, progress=False)
-    return (time.perf_counter() - start) * 1000 / n_time
-
-
-def _row(name, ckpt, sampler, steps, args, real, extractor, distill_s):
+def _row(name, ckpt, sampler, steps, args, real, extractor, distill_s, n=None):
+    """FID of n samples; the sampling time of those same samples (features excluded), scaled to 1000."""
     model, diffusion, _ = load_model(ckpt, args.device)
-    feats = scoring.sample_features(model, diffusion, args.n, extractor, sampler, steps, 0, args.batch_size,
-                                    progress=False)
+    n = n or args.n
+    images, seconds = [], 0.0
+    for first in range(0, n, args.batch_size):
+        start = time.perf_counter()
+        images.append(diffusion.sample(model, min(args.batch_size, n - first), sampler=sampler, steps=steps, seed=0,
+                                       first_index=first, progress=False))
+        seconds += time.perf_counter() - start
+    feats = torch.cat([extractor(x) for x in images])
     fid = scoring.score(real, feats, extractor)["fid"]
-    return {"row": name, "sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "fid": fid,
-            "sample_1000_s": _time_1000(model, diffusion, sampler, steps, args.n_time, args.batch_size),
-            "distill_s": distill_s}
+    digits = None
+    if args.scorer is not None:  # bench_quality's digit-classifier FD on the same samples
+        digits = args.scorer(torch.cat(images).cpu()[:, 0].numpy())["fd"]  # sample() gives uint8 already
+    return {"row": name, "sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "fid": fid, "n": n,
+            "digits_fd": digits, "sample_1000_s": seconds * 1000 / n, "distill_s": distill_s}
 
 
 def _tiny_teacher(workdir: Path) -> str:
@@ -58,7 +61,8 @@ def main() -> None:
     p.add_argument("--teacher", help="teacher checkpoint (required unless --smoke)")
     p.add_argument("--ref", default="builtin:digits", help="reference data for FID")
     p.add_argument("-n", type=int, default=2000, help="samples per FID")
-    p.add_argument("--n-time", type=int, default=1000, help="images drawn to time sampling (scaled to 1000)")
+    p.add_argument("--n-ddpm", type=int, default=200,
+                   help="samples for the teacher's T-step DDPM row (its FID is biased up at small n)")
     p.add_argument("--extractor", default="randconv", choices=("randconv", "inception", "auto"))
     p.add_argument("--images", type=int, default=None, help="distillation budget (see ddpm distill --images)")
     p.add_argument("--pairs", type=int, default=5000, help="teacher pairs for the one-step student")
@@ -67,11 +71,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", default="bench_distill_runs")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--digits-fd", action="store_true", help="also score bench_quality's digit-classifier FD (a "
+                   "teacher trained by bench_quality.py --keep-ckpt on its split A)")
     p.add_argument("--smoke", action="store_true", help="tiny teacher, tiny budgets, n=64: checks the script")
     args = p.parse_args()
+    args.scorer = None
+    if args.digits_fd:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_quality import Scorer, digit_splits
+
+        args.scorer = Scorer(digit_splits(0))
     work = Path(args.workdir)
     if args.smoke:
-        args.n, args.n_time, args.images, args.pairs, args.start_steps = 64, 16, 64, 64, 16
+        args.n, args.n_ddpm, args.images, args.pairs, args.start_steps = 64, 16, 64, 64, 16
         args.teacher = _tiny_teacher(work)
     if not args.teacher:
         p.error("--teacher is required (or --smoke)")
@@ -89,7 +101,7 @@ def main() -> None:
 
     rows = [_row(f"teacher dpm++2m {k}", args.teacher, "dpm++2m", k, args, real, extractor, None) for k in (4, 8, 20)]
     T = tcfg.diffusion.timesteps
-    rows.append(_row(f"teacher ddpm {T}", args.teacher, "ddpm", T, args, real, extractor, None))
+    rows.append(_row(f"teacher ddpm {T}", args.teacher, "ddpm", T, args, real, extractor, None, n=args.n_ddpm))
     t_prog = run("progressive", "prog", steps=1, start_steps_=args.start_steps)
     for k in (8, 4, 2):
         snap = work / "models" / "prog" / f"steps{k}.pt"
@@ -104,12 +116,14 @@ def main() -> None:
     for k in (1, 2):
         rows.append(_row(f"consistency {k}", work / "models" / "ct" / "ckpt.pt", "consistency", k, args, real,
                          extractor, t_ct))
-    print(f"FID: {extractor.name}, n={args.n} vs {args.ref}; sampling time scaled from {args.n_time} images on "
-          f"{args.device}; distill_s = the whole run that made the row (progressive: all stages to 1 step)")
-    print(f"{'row':<22} {'NFE':>5} {'FID':>9} {'s/1000 img':>11} {'distill s':>10}")
+    print(f"FID: {extractor.name}, n={args.n} vs {args.ref}; sampling time: the FID samples' own, scaled to 1000 "
+          f"images, on {args.device}; distill_s = the whole run that made the row (progressive: all stages to 1 step)")
+    print("| row | NFE | n | FID | digits FD | s / 1000 img | distill s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         d = "" if r["distill_s"] is None else f"{r['distill_s']:.0f}"
-        print(f"{r['row']:<22} {r['nfe']:>5} {r['fid']:>9.3f} {r['sample_1000_s']:>11.2f} {d:>10}")
+        fd = "-" if r["digits_fd"] is None else f"{r['digits_fd']:.2f}"
+        print(f"| {r['row']} | {r['nfe']} | {r['n']} | {r['fid']:.4g} | {fd} | {r['sample_1000_s']:.2f} | {d} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"extractor": extractor.name, "n": args.n, "rows": rows}, indent=2))
 
