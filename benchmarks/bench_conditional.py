@@ -20,7 +20,9 @@ runs) with the same budget: --model-size (default tiny), --batch-size, epochs = 
 |A|). The conditional one adds train.class_cond=true (cond_drop 0.1, the default); the
 unconditional one (skip with --no-uncond) is the baseline for "FD no worse than unconditional".
 Samples: --n per row (an equal share per class), --sampler/--steps (default dpm++2m, 20), the
-EMA weights, guidance w in --guidance (default 1 2 4; w = 1 is the plain conditional model).
+EMA weights, guidance w in --guidance (default 1 2 4; w = 1 is the plain conditional model), and
+with --interval LO HI the same w != 1 again with guidance only at LO < sigma <= HI (Kynkaanniemi
+et al. 2024). --keep-ckpt keeps the conditional model; --cond-ckpt reuses one instead of training.
 
 Pictures written to --out-dir: grid.png (one labelled row per digit at w = 2),
 inpaint.png (rows: held-out digits; columns: the digit, the given left half, three inpaintings of
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import Scorer, digit_splits, train_ddpmkit, write_png_folder  # noqa: E402
 
+from ddpmkit import load_model  # noqa: E402
 from ddpmkit.guidance import class_rows, generate, save_labelled_grid  # noqa: E402
 from ddpmkit.images import save_images  # noqa: E402
 
@@ -51,17 +55,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def guided_rows(run: dict, score: Scorer, args) -> list[dict]:
+    """One row per guidance w over all noise levels, then (with --interval) one per w != 1 with
+    guidance limited to the interval."""
     per_class = max(1, args.n // 10)
     labels = class_rows(10, per_class)
+    runs = [(w, None) for w in args.guidance]
+    if args.interval:
+        runs += [(w, tuple(args.interval)) for w in args.guidance if w != 1.0]
     rows = []
-    for w in args.guidance:
+    for w, interval in runs:
         start = time.perf_counter()
-        x = generate(run["diffusion"], run["model"], len(labels), labels=labels, guidance=w, sampler=args.sampler,
-                     steps=args.steps, seed=args.seed, batch_size=250)
+        x = generate(run["diffusion"], run["model"], len(labels), labels=labels, guidance=w, interval=interval,
+                     sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=250)
         secs = time.perf_counter() - start
         images = to_uint8(x)
         pred = score._outputs(images)[1].argmax(1)
-        rows.append({"model": "conditional", "guidance": w, "n": len(labels),
+        rows.append({"model": "conditional", "guidance": w, "interval": interval, "n": len(labels),
                      "class_accuracy": float((pred == labels.numpy()).mean()), **score(images),
                      "sample_s": round(secs, 1)})
     return rows
@@ -72,7 +81,7 @@ def unconditional_row(run: dict, score: Scorer, args) -> dict:
     start = time.perf_counter()
     x = generate(run["diffusion"], run["model"], n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                  batch_size=250)
-    return {"model": "unconditional", "guidance": None, "n": n, "class_accuracy": None, **score(to_uint8(x)),
+    return {"model": "unconditional", "guidance": None, "interval": None, "n": n, "class_accuracy": None, **score(to_uint8(x)),
             "sample_s": round(time.perf_counter() - start, 1)}
 
 
@@ -101,13 +110,14 @@ def pictures(run: dict, splits: dict, args, out: Path) -> list[Path]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | guidance | n | class accuracy | FD (classifier features) | recognized | sample s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | guidance | interval (sigma) | n | class accuracy | FD (classifier features) | recognized "
+             "| sample s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}%"
         w = "-" if r["guidance"] is None else f"{r['guidance']:g}"
-        lines.append(f"| {r['model']} | {w} | {r['n']} | {acc} | {r['fd']:.2f} | {100 * r['recognized']:.1f}% "
-                     f"| {r['sample_s']} |")
+        span = "all" if r["interval"] is None else f"({r['interval'][0]:g}, {r['interval'][1]:g}]"
+        lines.append(f"| {r['model']} | {w} | {span if r['guidance'] is not None else '-'} | {r['n']} | {acc} "
+                     f"| {r['fd']:.2f} | {100 * r['recognized']:.1f}% | {r['sample_s']} |")
     return "\n".join(lines)
 
 
@@ -118,6 +128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n", type=int, default=1000, help="samples per table row (default: 1000)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="also sample every w != 1 with guidance limited to LO < sigma <= HI")
+    p.add_argument("--keep-ckpt", metavar="PATH", help="copy the conditional checkpoint here")
+    p.add_argument("--cond-ckpt", metavar="PATH", help="use this conditional checkpoint instead of training one "
+                   "(e.g. a --keep-ckpt copy; it must have been trained on split A of the same --seed)")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--classifier-epochs", type=int, default=40)
@@ -143,11 +158,21 @@ def main(argv=None) -> None:
     rows, timings = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_png_folder(splits["a"], splits["a_labels"], Path(tmp) / "A")
-        cond_args = argparse.Namespace(**{**vars(args), "ddpmkit_set": args.ddpmkit_set + ["train.class_cond=true"]})
-        cond = train_ddpmkit(folder, len(splits["a"]), cond_args, Path(tmp) / "cond")
+        if args.cond_ckpt:
+            model, diffusion, cfg = load_model(args.cond_ckpt)
+            cond = {"model": model, "diffusion": diffusion, "cfg": cfg}
+            print(f"conditional: loaded {args.cond_ckpt}", flush=True)
+        else:
+            cond_args = argparse.Namespace(**{**vars(args),
+                                              "ddpmkit_set": args.ddpmkit_set + ["train.class_cond=true"]})
+            cond = train_ddpmkit(folder, len(splits["a"]), cond_args, Path(tmp) / "cond")
+            timings["conditional_train_s"] = round(cond["train_s"], 1)
+            print(f"conditional: trained in {cond['train_s']:.0f} s ({cond['params'] / 1e6:.2f}M parameters)",
+                  flush=True)
+            if args.keep_ckpt:
+                Path(args.keep_ckpt).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cond["ckpt"], args.keep_ckpt)
         assert cond["cfg"].model.class_names == tuple("0123456789"), cond["cfg"].model.class_names
-        timings["conditional_train_s"] = round(cond["train_s"], 1)
-        print(f"conditional: trained in {cond['train_s']:.0f} s ({cond['params'] / 1e6:.2f}M parameters)", flush=True)
         rows += guided_rows(cond, score, args)
         if not args.no_uncond:
             uncond = train_ddpmkit(folder, len(splits["a"]), args, Path(tmp) / "uncond")
