@@ -160,20 +160,23 @@ def main(argv=None) -> int:
 
     save_images(diffusion.sample(model, 16, sampler="dpm++2m", steps=args.steps, seed=0, progress=False),
                 work / "latent_samples.png")
+    model, diffusion, _ = load_model(work / "models/pixel/ckpt.pt", args.device_t)
+    save_images(diffusion.sample(model, 16, sampler="dpm++2m", steps=args.steps, seed=0, progress=False),
+                work / "pixel_samples.png")
     return 0
 
 
 def render(r: dict, extractor) -> str:
     a = r["autoencoder"]
     lines = [f"Autoencoder: {a['train_s'] / 60:.1f} min, {a['train_img_s']:.0f} img/s; reconstruction PSNR "
-             f"{a['psnr_db']:.2f} dB, reconstruction FID {a['recon_fid']:.2f} ({extractor.name})", "",
+             f"{a['psnr_db']:.2f} dB, reconstruction FID {a['recon_fid']:.4g} ({extractor.name})", "",
              "| run | train img/s | sample img/s | FID at 1/3 budget (min) | FID at full budget (min) |",
              "|---|---|---|---|---|"]
     for name in ("pixel", "latent"):
         x = r[name]
         s1, s2 = x["scores"]
-        lines.append(f"| {name} | {x['train_img_s']:.1f} | {s2['sample_img_s']:.1f} | {s1['fid']:.2f} "
-                     f"({s1['train_min']:.1f}) | {s2['fid']:.2f} ({s2['train_min']:.1f}) |")
+        lines.append(f"| {name} | {x['train_img_s']:.1f} | {s2['sample_img_s']:.1f} | {s1['fid']:.4g} "
+                     f"({s1['train_min']:.1f}) | {s2['fid']:.4g} ({s2['train_min']:.1f}) |")
     return "\n".join(lines)
 
 
