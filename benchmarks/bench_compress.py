@@ -8,7 +8,7 @@ pruned 50% + int8. Columns: parameters, MACs per image (one network call, Torch-
 counter; int8 rows have their fp32 source's MACs), checkpoint size on disk, sampling img/s at
 20 NFE (dpm++2m) at batch 1 and batch 64 in this one process and thread count, FID of n samples
 against the checkpoint's training data through `ddpm eval`'s scoring (scoring.reference_stats /
-sample_features / score; extractor named in the output), with --digits-fd also bench_quality's
+score; extractor named in the output), with --digits-fd also bench_quality's
 digit-classifier FD against its held-out digits (the metric the quality benchmark trusts; the
 randconv FID barely moves on 16 px digits), and the fine-tuning wall time.
 Speeds on a shared machine vary; compare rows of one run, not runs. Prints a Markdown table.
@@ -26,7 +26,7 @@ import torch
 from ddpmkit import load_model
 from ddpmkit.compress.prune import prune
 from ddpmkit.compress.quantize import ONNX, quantize
-from ddpmkit.scoring import make_extractor, reference_stats, sample_features, score
+from ddpmkit.scoring import make_extractor, reference_stats, score
 
 NFE = 20
 
@@ -55,12 +55,6 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
 
 
-def _digits_fd(model, diffusion, n: int, bf16: bool, scorer) -> float:
-    """bench_quality's FD in its digit classifier's features, against its held-out split B."""
-    x = diffusion.generate(model, n, sampler="dpm++2m", steps=NFE, seed=0, batch_size=250, progress=False, bf16=bf16)
-    return scorer(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy())["fd"]
-
-
 def row(name: str, path: Path, args, extractor, real, bf16: bool = False, finetune_s: float | None = None,
         macs_from=None, scorer=None) -> dict:
     model, diffusion, cfg = load_model(path)
@@ -69,11 +63,11 @@ def row(name: str, path: Path, args, extractor, real, bf16: bool = False, finetu
     params = params if params is not None else (macs_from or {}).get("params")
     n = args.n_bf16 if bf16 else args.n
     fid = digits = None
-    if n:
-        feats = sample_features(model, diffusion, n, extractor, sampler="dpm++2m", steps=NFE, seed=0,
-                                bf16=bf16, progress=False)
-        fid = score(real, feats, extractor)["fid"]
-        digits = None if scorer is None else _digits_fd(model, diffusion, n, bf16, scorer)
+    if n:  # one draw of n samples (uint8, image k seeded by k) for both scores
+        images = [diffusion.sample(model, min(64, n - k), sampler="dpm++2m", steps=NFE, seed=0, first_index=k,
+                                   bf16=bf16, progress=False) for k in range(0, n, 64)]
+        fid = score(real, torch.cat([extractor(x) for x in images]), extractor)["fid"]
+        digits = None if scorer is None else scorer(torch.cat(images)[:, 0].numpy())["fd"]
     return {"name": name, "params": params, "macs": macs, "size": _size(path), "b1": _speed(model, diffusion, 1, bf16, 3),
             "b64": _speed(model, diffusion, 64, bf16, 1), "n": n, "fid": fid, "digits_fd": digits,
             "finetune_s": finetune_s}

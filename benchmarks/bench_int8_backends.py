@@ -8,6 +8,7 @@ fp32 compiled: the time of one network call at batch 1 and 64, and the compile t
 Calibration here is 20 batches of noise at t = 0, 50, ..., 950 (enough for timing, not for
 quality). ONNX Runtime's figures come from bench_compress.py (whole 20-NFE sampling).
 """
+import inspect
 import sys
 import time
 
@@ -31,13 +32,12 @@ for b, reps in ((1, 40), (64, 10)):
     res[("fp32 eager", b)] = bench(model, b, reps)
 with torch.no_grad():
     ex = (torch.randn(64, 1, 16, 16), torch.full((64,), 500))
-    dyn = {"x": {0: torch.export.Dim("b", min=1, max=256)}, "t": {0: torch.export.Dim("b", min=1, max=256)}}
-    import inspect
-    names = list(inspect.signature(model.forward).parameters)[:2]
-    dyn = {names[0]: {0: torch.export.Dim("b", min=1, max=256)}, names[1]: {0: torch.export.Dim("b", min=1, max=256)}}
+    batch = torch.export.Dim("b", min=1, max=256)
+    dyn = {name: {0: batch} for name in list(inspect.signature(model.forward).parameters)[:2]}  # (x, t)
     t0 = time.perf_counter()
     m = export(model, ex, dynamic_shapes=dyn).module()
-    q = X86InductorQuantizer(); q.set_global(get_default_x86_inductor_quantization_config())
+    q = X86InductorQuantizer()
+    q.set_global(get_default_x86_inductor_quantization_config())
     m = prepare_pt2e(m, q)
     for tt in range(0, 1000, 50):
         m(torch.randn(64, 1, 16, 16), torch.full((64,), tt))
@@ -45,10 +45,16 @@ with torch.no_grad():
     print("quantize s", round(time.perf_counter() - t0, 1), flush=True)
     cq = torch.compile(m)
     cf = torch.compile(model)
-    t0 = time.perf_counter(); bench(cq, 1, 1); bench(cq, 64, 1); print("compile int8 s", round(time.perf_counter() - t0, 1), flush=True)
+    t0 = time.perf_counter()
+    bench(cq, 1, 1)
+    bench(cq, 64, 1)
+    print("compile int8 s", round(time.perf_counter() - t0, 1), flush=True)
 for b, reps in ((1, 40), (64, 10)):
     res[("int8 pt2e compiled", b)] = bench(cq, b, reps)
-t0 = time.perf_counter(); bench(cf, 1, 1); bench(cf, 64, 1); print("compile fp32 s", round(time.perf_counter() - t0, 1), flush=True)
+t0 = time.perf_counter()
+bench(cf, 1, 1)
+bench(cf, 64, 1)
+print("compile fp32 s", round(time.perf_counter() - t0, 1), flush=True)
 for b, reps in ((1, 40), (64, 10)):
     res[("fp32 compiled", b)] = bench(cf, b, reps)
 for (k, b), v in res.items():

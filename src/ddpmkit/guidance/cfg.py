@@ -87,11 +87,11 @@ class GuidedDenoiser(nn.Module):
         finally:
             self.binding.labels = None
 
-    def _inside(self, sigma: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        """Per row: whether guidance applies at this sigma (always, without an interval)."""
-        sigma = torch.as_tensor(sigma, device=device).reshape(-1).expand(n)
+    def _inside(self, sigma: torch.Tensor, n: int, device: torch.device) -> torch.Tensor | None:
+        """Per row: whether guidance applies at this sigma; None without an interval (every row)."""
         if self.interval is None:
-            return torch.ones(n, dtype=torch.bool, device=device)
+            return None
+        sigma = torch.as_tensor(sigma, device=device).reshape(-1).expand(n)
         lo, hi = self.interval
         return (sigma > lo) & (sigma <= hi)
 
@@ -99,9 +99,10 @@ class GuidedDenoiser(nn.Module):
         y = self._labels(x.shape[0], x.device)
         w = self.guidance
         inside = self._inside(sigma, x.shape[0], x.device)
-        if not bool(inside.any()):
+        partial = inside is not None and not bool(inside.all())
+        if inside is not None and not bool(inside.any()):
             w = 1.0  # the whole batch is outside the interval: the conditional model alone
-        if w == 1.0 or self.labels is None or (w == 0.0 and bool(inside.all())):
+        if w == 1.0 or self.labels is None or (w == 0.0 and not partial):
             out = self._call(x, sigma, y if w != 0.0 else torch.full_like(y, self.null), return_variance)
             x0, var = out if return_variance else (out, None)
         else:
@@ -111,7 +112,7 @@ class GuidedDenoiser(nn.Module):
             both, var = out if return_variance else (out, None)
             cond, null = both.chunk(2)
             x0 = rescale(null + w * (cond - null), cond, self.rescale_phi)
-            if not bool(inside.all()):
+            if partial:
                 x0 = torch.where(inside.view(-1, *[1] * (x0.dim() - 1)), x0, cond)
             var = None if var is None else var.chunk(2)[0]  # the variance of the conditional model
         if self.clip:

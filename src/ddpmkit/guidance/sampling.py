@@ -81,8 +81,9 @@ def generate(diffusion, model: nn.Module, n: int, *, labels: torch.Tensor | None
     """`n` images in [-1, 1], (n, C, H, W) on the CPU.
 
     labels: class per image (or one for all; None = unconditional); guidance w, rescale phi and
-    the guidance interval (lo, hi] in sigma as in `cfg`. known + mask: inpaint (mask 1 = generate), `resample` = RePaint's U. init + strength:
-    SDEdit from `init` (strength 0 returns it; 1 is an ordinary sample from the same seed).
+    the guidance interval (lo, hi] in sigma as in `cfg`. known + mask: inpaint (mask 1 =
+    generate), `resample` = RePaint's U. init + strength: SDEdit from `init` (strength 0 returns
+    it; 1 is an ordinary sample from the same seed).
     """
     if init is not None and strength == 0.0:
         return init.expand(n, *init.shape[1:]).clamp(-1, 1).cpu().clone()
