@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model_size, args.image_size, args.batch_size, args.subset = "tiny", 16, 32, 256
         args.epochs, args.eval_every_images, args.eval_n, args.nfe, args.curve_nfe = 2, 256, 64, [2, 4], 2
-        args.sample_batch, args.classifier_epochs = 64, 1
+        args.sample_batch, args.classifier_epochs = 64, 10
     if args.threads:
         torch.set_num_threads(args.threads)
     from ddpmkit.train import resolve_device
