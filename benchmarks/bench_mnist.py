@@ -44,8 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import fit_classifier  # noqa: E402  (the same classifier loop as the digits benchmark)
 
 # MD5 of the four files as published on yann.lecun.com/exdb/mnist.
 MNIST_MD5 = {
@@ -119,25 +121,11 @@ class DigitCNN(nn.Module):
 
 
 def train_digit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> DigitCNN:
-    """Adam, batch 128, random shifts of up to 2 pixels; images uint8 (N, H, W, 1)."""
+    """bench_quality's classifier loop (Adam, shifts of up to 2 pixels) at batch 128; images uint8 (N, H, W, 1)."""
     torch.manual_seed(seed)
-    size = images.shape[1]
-    net = DigitCNN(size)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net = DigitCNN(images.shape[1])
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    y = torch.tensor(np.asarray(labels), dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), 128):
-            idx = perm[start:start + 128]
-            dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
-            batch = F.pad(x[idx].float() / 255.0, (2, 2, 2, 2))[:, :, dy:dy + size, dx:dx + size]
-            loss = F.cross_entropy(net(batch), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return fit_classifier(net, x, torch.tensor(np.asarray(labels), dtype=torch.long), epochs, 128, seed)
 
 
 def classifier_extractor(net: DigitCNN):

@@ -138,24 +138,33 @@ class DigitNet(nn.Module):
         return self.head(self.body(x))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 40, seed: int = 0) -> DigitNet:
-    """Adam on split A with random shifts of up to 2 pixels (pad with black, crop back)."""
-    torch.manual_seed(seed)
-    net = DigitNet()
+def fit_classifier(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
+                   seed: int = 0) -> nn.Module:
+    """Adam (lr 1e-3) with random shifts of up to 2 pixels (pad with black, crop back); images uint8
+    (N, 1, H, W), scaled to [0, 1] a batch at a time. Its batch order and shifts depend only on `seed`.
+    bench_mnist.py trains its MNIST classifier with it too."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = to_unit(images), torch.as_tensor(labels)
+    size = images_uint8.shape[-1]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), 64):
-            idx = perm[start:start + 64]
+        perm = torch.randperm(len(images_uint8), generator=gen)
+        for start in range(0, len(images_uint8), batch_size):
+            idx = perm[start:start + batch_size]
             dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
-            batch = F.pad(x[idx], (2, 2, 2, 2))[:, :, dy:dy + SIZE, dx:dx + SIZE]
-            loss = F.cross_entropy(net(batch), y[idx])
+            batch = F.pad(images_uint8[idx].float() / 255.0, (2, 2, 2, 2))[:, :, dy:dy + size, dx:dx + size]
+            loss = F.cross_entropy(net(batch), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     return net.eval()
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 40, seed: int = 0) -> DigitNet:
+    """The metric's DigitNet, trained on split A: batch 64, `fit_classifier`'s shifted crops."""
+    torch.manual_seed(seed)
+    net = DigitNet()
+    x = torch.as_tensor(np.asarray(images)).view(len(images), 1, SIZE, SIZE)
+    return fit_classifier(net, x, torch.as_tensor(labels), epochs, 64, seed)
 
 
 def laplacian_energy(images_uint8) -> np.ndarray:
