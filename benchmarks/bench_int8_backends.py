@@ -27,6 +27,14 @@ def bench(f, b, reps):
         t0 = time.perf_counter()
         for _ in range(reps): f(x, t)
     return (time.perf_counter() - t0) / reps
+def time_compiled(compiled, label: str, res: dict) -> None:
+    """The first calls at batch 1 and 64 compile (printed as the compile time); then the timed calls."""
+    t0 = time.perf_counter()
+    bench(compiled, 1, 1)
+    bench(compiled, 64, 1)
+    print(f"compile {label.split()[0]} s", round(time.perf_counter() - t0, 1), flush=True)
+    for b, reps in ((1, 40), (64, 10)):
+        res[(f"{label} compiled", b)] = bench(compiled, b, reps)
 res = {}
 for b, reps in ((1, 40), (64, 10)):
     res[("fp32 eager", b)] = bench(model, b, reps)
@@ -43,19 +51,7 @@ with torch.no_grad():
         m(torch.randn(64, 1, 16, 16), torch.full((64,), tt))
     m = convert_pt2e(m)
     print("quantize s", round(time.perf_counter() - t0, 1), flush=True)
-    cq = torch.compile(m)
-    cf = torch.compile(model)
-    t0 = time.perf_counter()
-    bench(cq, 1, 1)
-    bench(cq, 64, 1)
-    print("compile int8 s", round(time.perf_counter() - t0, 1), flush=True)
-for b, reps in ((1, 40), (64, 10)):
-    res[("int8 pt2e compiled", b)] = bench(cq, b, reps)
-t0 = time.perf_counter()
-bench(cf, 1, 1)
-bench(cf, 64, 1)
-print("compile fp32 s", round(time.perf_counter() - t0, 1), flush=True)
-for b, reps in ((1, 40), (64, 10)):
-    res[("fp32 compiled", b)] = bench(cf, b, reps)
+time_compiled(torch.compile(m), "int8 pt2e", res)
+time_compiled(torch.compile(model), "fp32", res)
 for (k, b), v in res.items():
     print(f"| {k} | batch {b} | {1000*v:.2f} ms/call | {res[('fp32 eager', b)]/v:.2f}x vs fp32 eager |")
