@@ -48,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import fit_classifier  # noqa: E402  (the same classifier loop as the digits benchmark)
+from bench_speed import memory_kib  # noqa: E402
 
 # MD5 of the four files as published on yann.lecun.com/exdb/mnist.
 MNIST_MD5 = {
@@ -318,14 +319,11 @@ def run(args, work: Path, data: Path, mnist: Path) -> int:
 
 
 def peak_rss_mib() -> float | None:
-    """This process's peak resident memory (VmHWM, Linux), in MiB; None elsewhere."""
+    """This process's peak resident memory (bench_speed's VmHWM reading), in MiB; None off Linux."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        return memory_kib()["VmHWM"] / 1024
     except OSError:
-        pass
-    return None
+        return None
 
 
 def render(rows, final, args, about: str, n_train: int, load_s: float, cfg) -> str:
