@@ -21,6 +21,10 @@ accuracy is printed). For a set of generated images:
   * speckled: the share of samples whose high-frequency energy, the mean absolute value of the
     3x3 discrete Laplacian (4-neighbour stencil, replicated border, pixels in [0, 1]), exceeds the
     99.9th percentile of that value over all 1,797 real images. Real data scores about 0.1%.
+With --sample-seeds K, each row draws K sets of n samples (sampling seeds --seed .. --seed+K-1) and
+reports the metrics' means, and FD's standard deviation over the draws: one draw of 1,000 is a
+noisy measurement (on the 150k-image `tiny` model, five draws of DPM-Solver++ 20 scored FD 19.5
+to 24.4). --train-seed changes only the trainings' seed, to measure the spread between runs.
 The "real" rows score split B itself (FD 0 by construction; its recognized share is the classifier's
 confidence on unseen real digits) and split A, the training images (the FD of a model that
 reproduced its training set exactly).
@@ -224,6 +228,8 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
         "train": {"workdir": str(workdir), "run_name": "bench_quality", "epochs": epochs, "device": "cpu",
                   "batch_size": args.batch_size, "sample_every_epochs": 0, "sample_every_steps": 0},
     }
+    if args.train_seed is not None:
+        overrides["train"]["seed"] = args.train_seed
     for section, values in parse_sets(args.ddpmkit_set).items():
         overrides.setdefault(section, {}).update(values)
     cfg, _ = prepare(overrides, fresh=True, log=lambda *a: None)
@@ -234,6 +240,16 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
         sys.exit(f"ddpmkit training ended as '{summary['status']}', not finished")
     model, diffusion, cfg = load_model(summary["ckpt"])
     return {"model": model, "diffusion": diffusion, "cfg": cfg, "train_s": wall, "ckpt": summary["ckpt"], "images": epochs * n_train,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def load_ddpmkit(path: str, n_train: int) -> dict:
+    """A kept checkpoint, as train_ddpmkit returns a run (its training time is unknown: None)."""
+    from ddpmkit.loading import load_model
+
+    model, diffusion, cfg = load_model(path)
+    images = int(torch.load(path, map_location="cpu", weights_only=False)["next_epoch"]) * n_train
+    return {"model": model, "diffusion": diffusion, "cfg": cfg, "train_s": None, "ckpt": path, "images": images,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -284,7 +300,8 @@ def train_diffusers(x_train: np.ndarray, epochs: int, args, target_params: int) 
     from diffusers.training_utils import EMAModel
 
     channels, _ = match_channels(target_params)
-    torch.manual_seed(args.seed)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    torch.manual_seed(train_seed)
     unet = diffusers_unet(channels)
     data = to_unit(x_train) * 2 - 1
     steps = epochs * math.ceil(len(data) / args.batch_size)
@@ -292,7 +309,7 @@ def train_diffusers(x_train: np.ndarray, epochs: int, args, target_params: int) 
     lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=min(500, steps // 5), num_training_steps=steps)
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(train_seed)
     unet.train()
     start = time.perf_counter()
     for _ in range(epochs):
@@ -313,6 +330,23 @@ def train_diffusers(x_train: np.ndarray, epochs: int, args, target_params: int) 
     ema.copy_to(unet.parameters())
     return {"model": unet.eval(), "train_config": noise_sched.config, "train_s": wall, "images": epochs * len(data),
             "params": sum(p.numel() for p in unet.parameters()), "channels": channels}
+
+
+def save_diffusers(run: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"channels": run["channels"], "state_dict": run["model"].state_dict(), "train_s": run["train_s"],
+                "images": run["images"], "train_config": dict(run["train_config"])}, path)
+
+
+def load_diffusers(path: str) -> dict:
+    from diffusers import DDPMScheduler
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    unet = diffusers_unet(tuple(saved["channels"]))
+    unet.load_state_dict(saved["state_dict"])
+    return {"model": unet.eval(), "train_config": DDPMScheduler.from_config(saved["train_config"]).config,
+            "train_s": saved["train_s"], "images": saved["images"], "channels": saved["channels"],
+            "params": sum(p.numel() for p in unet.parameters())}
 
 
 def diffusers_scheduler(kind: str, train_config, thresholding: bool = False):
@@ -343,50 +377,60 @@ def sample_diffusers(run: dict, scheduler, steps: int, n: int, seed: int) -> np.
 # --------------------------------------------------------------------------- the table
 
 
-SAMPLE_ROWS = [  # (label, ddpmkit sampler, steps (None: all T), x0 clipping (None: the default), small n)
-    ("DDIM", "ddim", 20, None, False),
-    ("DPM-Solver++(2M), no clip", "dpm++2m", 10, False, False),
-    ("DPM-Solver++(2M), clip x0", "dpm++2m", 10, True, False),
-    ("DPM-Solver++(2M), no clip", "dpm++2m", 20, False, False),
-    ("DPM-Solver++(2M), clip x0", "dpm++2m", 20, True, False),
-    ("DDPM (all steps)", "ddpm", None, None, True),
+SAMPLE_ROWS = [  # (key, label, ddpmkit sampler, steps (None: all T), x0 clipping (None: the default), small n)
+    ("ddim20", "DDIM", "ddim", 20, None, False),
+    ("dpm10", "DPM-Solver++(2M), no clip", "dpm++2m", 10, False, False),
+    ("dpm10clip", "DPM-Solver++(2M), clip x0", "dpm++2m", 10, True, False),
+    ("dpm20", "DPM-Solver++(2M), no clip", "dpm++2m", 20, False, False),
+    ("dpm20clip", "DPM-Solver++(2M), clip x0", "dpm++2m", 20, True, False),
+    ("ddpm", "DDPM (all steps)", "ddpm", None, None, True),
 ]
+ROW_KEYS = [row[0] for row in SAMPLE_ROWS]
 
 
 def system_rows(system: str, run: dict, score: Scorer, args) -> list[dict]:
+    """One row per sampler: the metrics' means over --sample-seeds draws of n samples each."""
     from ddpmkit.samplers import nfe
 
     rows = []
-    for label, sampler, steps, clip, small in SAMPLE_ROWS:
+    for key, label, sampler, steps, clip, small in SAMPLE_ROWS:
         n = args.n_ddpm if small else args.n
-        if n < 2:
+        if n < 2 or key not in args.rows:
             continue
-        start = time.perf_counter()
-        if system == "ddpmkit":
-            images = sample_ddpmkit(run, sampler, steps, n, clip, args.seed)
-            calls = nfe(sampler, steps or run["cfg"].diffusion.timesteps)
-        else:
-            steps = steps or run["train_config"].num_train_timesteps
-            images = sample_diffusers(run, diffusers_scheduler(sampler, run["train_config"], bool(clip)), steps, n,
-                                      args.seed)
-            calls = steps
-        wall = time.perf_counter() - start
-        rows.append({"system": system, "sampler": label, "nfe": calls, "n": n, **score(images),
-                     "train_s": run["train_s"], "train_img_s": run["images"] / run["train_s"],
-                     "sample_img_s": n / wall})
-        print(f"  {label} {calls} NFE: FD {rows[-1]['fd']:.2f}", file=sys.stderr)
+        draws, wall = [], 0.0
+        for seed in range(args.seed, args.seed + args.sample_seeds):
+            start = time.perf_counter()
+            if system == "ddpmkit":
+                images = sample_ddpmkit(run, sampler, steps, n, clip, seed)
+                calls = nfe(sampler, steps or run["cfg"].diffusion.timesteps)
+            else:
+                steps = steps or run["train_config"].num_train_timesteps
+                images = sample_diffusers(run, diffusers_scheduler(sampler, run["train_config"], bool(clip)), steps,
+                                          n, seed)
+                calls = steps
+            wall += time.perf_counter() - start
+            draws.append(score(images))
+        fds = [d["fd"] for d in draws]
+        rows.append({"system": system, "sampler": label, "nfe": calls, "n": n, "draws": len(draws),
+                     **{k: float(np.mean([d[k] for d in draws])) for k in draws[0]},
+                     "fd_sd": float(np.std(fds, ddof=1)) if len(fds) > 1 else None, "fd_draws": fds,
+                     "train_s": run["train_s"], "train_img_s": run["images"] / run["train_s"] if run["train_s"] else None,
+                     "sample_img_s": n * len(draws) / wall})
+        spread = f" (sd {rows[-1]['fd_sd']:.2f} over {len(fds)} draws)" if len(fds) > 1 else ""
+        print(f"  {label} {calls} NFE: FD {rows[-1]['fd']:.2f}{spread}", file=sys.stderr)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| system | sampler | NFE | n | FD ↓ | recognized ↑ | speckled ↓ | train wall s | train img/s "
-            "| sampling img/s |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| system | sampler | NFE | n | draws | FD ↓ | FD sd | recognized ↑ | speckled ↓ | train wall s "
+            "| train img/s | sampling img/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         train = (f"{r['train_s']:.0f} | {r['train_img_s']:.0f}" if r.get("train_s") else "- | -")
         sample = f"{r['sample_img_s']:.3g}" if r.get("sample_img_s") else "-"
-        lines.append(f"| {r['system']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r['fd']:.2f} | "
-                     f"{r['recognized']:.3f} | {100 * r['speckled']:.1f}% | {train} | {sample} |")
+        sd = f"{r['fd_sd']:.2f}" if r.get("fd_sd") is not None else "-"
+        lines.append(f"| {r['system']} | {r['sampler']} | {r['nfe']} | {r['n']} | {r.get('draws', 1)} | {r['fd']:.2f} | "
+                     f"{sd} | {r['recognized']:.3f} | {100 * r['speckled']:.1f}% | {train} | {sample} |")
     return "\n".join(lines)
 
 
@@ -403,12 +447,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads for both (default: {torch.get_num_threads()})")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, classifier, training and sampling")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of both trainings only (weights, data order, noise), to measure the spread between "
+                        "training runs with the split, classifier and sampling noise fixed (default: ddpmkit keeps "
+                        "its train.seed, 0; diffusers uses --seed)")
     p.add_argument("--classifier-epochs", type=int, default=40, help="digit classifier epochs (default: 40; "
                    "fewer only for smoke tests: the metric changes with the classifier)")
+    p.add_argument("--sample-seeds", type=int, default=1, metavar="K",
+                   help="draws of n samples per row, with sampling seeds --seed .. --seed+K-1; the table gives the "
+                        "metrics' means and FD's standard deviation over the draws (default: 1)")
+    p.add_argument("--rows", default=",".join(ROW_KEYS),
+                   help=f"comma-separated sampler rows to run (default: all of {','.join(ROW_KEYS)})")
+    p.add_argument("--ddpmkit-ckpt", metavar="PATH", help="score this ddpmkit checkpoint (for example one kept "
+                   "with --keep-ckpt) instead of training one; its training time is not known")
+    p.add_argument("--keep-diffusers", metavar="PATH", help="save diffusers' trained EMA model here")
+    p.add_argument("--diffusers-model", metavar="PATH", help="score a diffusers model saved with --keep-diffusers "
+                   "instead of training one")
     p.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
     p.add_argument("--keep-ckpt", metavar="PATH", help="copy ddpmkit's trained checkpoint here (a teacher for "
                    "bench_distill.py, a model for bench_compress.py)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(args.rows) - set(ROW_KEYS))
+    if unknown:
+        p.error(f"unknown --rows {','.join(unknown)}; choose from {','.join(ROW_KEYS)}")
+    if args.sample_seeds < 1:
+        p.error(f"--sample-seeds must be >= 1, got {args.sample_seeds}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -429,12 +494,16 @@ def main(argv=None) -> None:
     epochs, params, info = max(1, round(args.images / len(splits["a"]))), None, {}
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         if "ddpmkit" in systems:
-            folder = write_png_folder(splits["a"], splits["a_labels"], Path(tmp) / "split_a")
-            run = train_ddpmkit(folder, len(splits["a"]), args, Path(tmp) / "work")
+            if args.ddpmkit_ckpt:
+                run = load_ddpmkit(args.ddpmkit_ckpt, len(splits["a"]))
+            else:
+                folder = write_png_folder(splits["a"], splits["a_labels"], Path(tmp) / "split_a")
+                run = train_ddpmkit(folder, len(splits["a"]), args, Path(tmp) / "work")
             params = run["params"]
             info["ddpmkit"] = {"params": params, "images": run["images"], "model": str(run["cfg"].model)}
-            print(f"ddpmkit: {params:,} parameters, {run['images']} images in {run['train_s']:.0f} s", file=sys.stderr)
-            if args.keep_ckpt:
+            trained = f"{run['train_s']:.0f} s" if run["train_s"] else "an unknown time (loaded)"
+            print(f"ddpmkit: {params:,} parameters, {run['images']} images in {trained}", file=sys.stderr)
+            if args.keep_ckpt and not args.ddpmkit_ckpt:
                 Path(args.keep_ckpt).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run["ckpt"], args.keep_ckpt)
             rows += system_rows("ddpmkit", run, score, args)
@@ -448,7 +517,12 @@ def main(argv=None) -> None:
             from ddpmkit.models import build_model
             cfg = apply_overrides(Config(), {"model": {"size": args.model_size}, **parse_sets(args.ddpmkit_set)})
             params = sum(p.numel() for p in build_model(cfg.model, 1).parameters())
-        run = train_diffusers(splits["a"], epochs, args, params)
+        if args.diffusers_model:
+            run = load_diffusers(args.diffusers_model)
+        else:
+            run = train_diffusers(splits["a"], epochs, args, params)
+            if args.keep_diffusers:
+                save_diffusers(run, args.keep_diffusers)
         info["diffusers"] = {"params": run["params"], "images": run["images"], "channels": run["channels"]}
         print(f"diffusers: {run['params']:,} parameters (channels {run['channels']}; ddpmkit {params:,}, ratio "
               f"{run['params'] / params:.3f}), {run['images']} images in {run['train_s']:.0f} s", file=sys.stderr)
