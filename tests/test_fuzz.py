@@ -266,6 +266,7 @@ def check_cli_contract(code, out, err):
 @example(options=[["--set", "train.device=cuda"]])
 @example(options=[["--set", "data.cache_dir=FILE"]])
 @example(options=[["--set", "train.run_name=x" + "x" * 299]])
+@example(options=[["--set", "train.workdir=x" + "x" * 299]])
 def test_cli_fuzz_exit_0_or_one_line_error(folder, tmp_path_factory, monkeypatch, options):
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "a-file").write_text("a file, not a folder")

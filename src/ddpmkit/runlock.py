@@ -28,8 +28,8 @@ class RunLock:
         if fcntl is None:
             return self
         # Folders this lock creates are removed again if the run writes nothing (e.g. bad data).
-        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
-        try:
+        try:  # exists() raises, not returns False, for a name too long for the file system
+            self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
