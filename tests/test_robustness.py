@@ -689,3 +689,16 @@ def test_unusable_cache_dir_falls_back_to_memory(image_folder, tmp_path, capsys)
                in m for m in logs), logs
     capsys.readouterr()
     assert cli_train(image_folder, tmp_path / "w", "--epochs", "1", "--data-cache", str(blocker)) == 0
+
+
+@pytest.mark.parametrize("argv", [["sample", "--ckpt", "y" * 300], ["sample", "--ckpt", "CKPT", "-n", "1", "--sampler",
+                                                                    "ddim", "--steps", "2", "--out", "y" * 300 + "/x.png"]])
+def test_a_path_the_os_refuses_is_a_one_line_error(argv, image_folder, tmp_path, capsys, monkeypatch):
+    """A name longer than the file system allows raises OSError deep in pathlib; the CLI says so in one line."""
+    monkeypatch.chdir(tmp_path)
+    if "CKPT" in argv:
+        assert cli_train(image_folder, tmp_path, "--epochs", "1") == 0
+        capsys.readouterr()
+        argv = [str(next(tmp_path.glob("models/r/ckpt.pt"))) if a == "CKPT" else a for a in argv]
+    err = one_line_error(capsys, main(argv))
+    assert "too long" in err

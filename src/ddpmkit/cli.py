@@ -328,6 +328,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out or "samples.png") if args.out or not args.out_dir else None
     if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
+    if out is not None:  # before sampling, so a path the OS refuses costs no sampling time
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DdpmError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from None
     if args.trajectory:
         check_trajectory_path(args.trajectory)
     options = {}
@@ -461,6 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except DdpmError as exc:
         message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # user text never breaks the line
+        print(f"ddpm: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the OS refuses (name too long, permission, disk full) that no check caught
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}; check the paths given".replace("\r", "\\r").replace("\n", "\\n")
         print(f"ddpm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
