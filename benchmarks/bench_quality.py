@@ -397,17 +397,18 @@ def system_rows(system: str, run: dict, score: Scorer, args) -> list[dict]:
         n = args.n_ddpm if small else args.n
         if n < 2 or key not in args.rows:
             continue
+        if system == "ddpmkit":
+            calls = nfe(sampler, steps or run["cfg"].diffusion.timesteps)
+        else:
+            steps = calls = steps or run["train_config"].num_train_timesteps
         draws, wall = [], 0.0
         for seed in range(args.seed, args.seed + args.sample_seeds):
             start = time.perf_counter()
             if system == "ddpmkit":
                 images = sample_ddpmkit(run, sampler, steps, n, clip, seed)
-                calls = nfe(sampler, steps or run["cfg"].diffusion.timesteps)
             else:
-                steps = steps or run["train_config"].num_train_timesteps
                 images = sample_diffusers(run, diffusers_scheduler(sampler, run["train_config"], bool(clip)), steps,
                                           n, seed)
-                calls = steps
             wall += time.perf_counter() - start
             draws.append(score(images))
         fds = [d["fd"] for d in draws]

@@ -1,9 +1,24 @@
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A function that imports benchmarks/NAME.py as a module (the folder is not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 EMA snapshots, the classifier metric and the result files."""
 import argparse
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,21 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_mnist", ROOT / "benchmarks" / "bench_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def fake_mnist(tmp_path_factory):
+def fake_mnist(tmp_path_factory, load_benchmark):
     """scikit-learn digits, upscaled 3x and padded to 28 px, as the four MNIST IDX files."""
     datasets = pytest.importorskip("sklearn.datasets")
-    bench = load_bench()
+    bench = load_benchmark("bench_mnist")
     digits = datasets.load_digits()
     images = np.pad(np.kron(digits.images, np.ones((3, 3))) * (255 / 16), ((0, 0), (2, 2), (2, 2))).round()
     labels = digits.target

@@ -1,24 +1,16 @@
 """benchmarks/bench_quality.py: the row options, and that --sample-seeds averages distinct draws."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("bench_quality")
 
 
 @pytest.mark.parametrize("argv", [["--rows", "ddim20,foo"], ["--sample-seeds", "0"]])
-def test_bad_row_options_stop_with_an_error(argv, capsys):
-    bench = load_bench()
+def test_bad_row_options_stop_with_an_error(argv, capsys, bench):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)
     assert exc.value.code != 0
@@ -32,12 +24,11 @@ class MeanScorer:
         return {"fd": float(np.asarray(images, dtype=np.float64).mean()), "recognized": 0.5, "speckled": 0.0}
 
 
-def test_sample_seeds_average_distinct_draws():
+def test_sample_seeds_average_distinct_draws(bench):
     from ddpmkit.config import Config, apply_overrides
     from ddpmkit.diffusion import Diffusion
     from ddpmkit.models import build_model
 
-    bench = load_bench()
     cfg = apply_overrides(Config(), {"model": {"size": "tiny"}, "data": {"image_size": 16, "channels": 1}})
     torch.manual_seed(0)
     model = build_model(cfg.model, 1).eval()

@@ -464,13 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except DdpmError as exc:
+    except (DdpmError, OSError) as exc:
+        if isinstance(exc, OSError):  # a path the OS refuses (name too long, permission, disk full) no check caught
+            where = f" ({exc.filename})" if exc.filename else ""
+            exc = f"{exc.strerror or exc}{where}; check the paths given"
         message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # user text never breaks the line
-        print(f"ddpm: error: {message}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a path the OS refuses (name too long, permission, disk full) that no check caught
-        where = f" ({exc.filename})" if exc.filename else ""
-        message = f"{exc.strerror or exc}{where}; check the paths given".replace("\r", "\\r").replace("\n", "\\n")
         print(f"ddpm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
