@@ -17,15 +17,18 @@ def test_a_new_run_gets_the_measured_recipe_and_an_old_config_keeps_its_meaning(
 
     cfg, _ = prepare({"train": {"workdir": str(tmp_path)}})
     d, t = cfg.diffusion, cfg.train
-    assert (d.prediction, d.loss_weighting, t.lr_schedule) == ("v", "min_snr", "cosine")
+    assert (d.prediction, d.loss_weighting, d.schedule, t.lr_schedule) == ("v", "min_snr", "cosine", "cosine")
     assert cfg.train.lr == 3e-4 and cfg.model.size == "seed"  # the seed's launch() values stay
     assert prepare({"diffusion": {"prediction": "eps"}, "train": {"workdir": str(tmp_path)}})[0] \
         .diffusion.prediction == "eps"
     # A stored config written before these keys existed (or before the recipe) reads as it was meant.
     stored = new_run_config().to_dict()
-    del stored["diffusion"]["prediction"], stored["diffusion"]["loss_weighting"], stored["train"]["lr_schedule"]
+    for key in ("prediction", "loss_weighting", "schedule"):
+        del stored["diffusion"][key]
+    del stored["train"]["lr_schedule"]
     old = from_dict(stored)
-    assert (old.diffusion.prediction, old.diffusion.loss_weighting, old.train.lr_schedule) == ("eps", "none", "constant")
+    assert (old.diffusion.prediction, old.diffusion.loss_weighting, old.diffusion.schedule, old.train.lr_schedule) \
+        == ("eps", "none", "linear", "constant")
 
 
 def test_round_trip_through_dict():
