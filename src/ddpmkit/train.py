@@ -119,6 +119,11 @@ def prepare(overrides: dict[str, dict[str, Any]], fresh: bool = False, log: Call
     cfg = validate(apply_overrides(new_run_config(), overrides))
     paths = RunPaths.of(cfg)
     if fresh or not paths.ckpt.exists():
+        if cfg.diffusion.schedule == "cosine" and {"beta_start", "beta_end"} & set(overrides.get("diffusion", {})):
+            # The cosine schedule has no betas; since it became the new-run default, a user who
+            # sets them most likely expects the seed's linear schedule. (A resumed run keeps its own.)
+            raise DdpmError("diffusion.beta_start / beta_end set the linear and sigmoid schedules, but this run "
+                            "uses the cosine schedule (the new-run default): add --schedule linear, or drop them")
         return cfg, None
     ckpt = load_checkpoint(paths.ckpt)
     stored = config_of(ckpt, paths.ckpt)
