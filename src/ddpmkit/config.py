@@ -184,7 +184,7 @@ class Config:
 #   * a cosine learning-rate decay to 0 at the last epoch: 13-18% lower FD than constant;
 #   * min-SNR-5 loss weighting (Hang et al. 2023): 17-25% lower FD again;
 #   * the cosine noise schedule (Nichol & Dhariwal 2021): at 150k images, 3-4 points more samples
-#     a digit classifier recognizes, on each of four models, at about the same FD (its
+#     a digit classifier recognizes, on each of three models, at about the same FD (its
 #     DPM-Solver++ speckle came from Karras levels up to sigma 4096, now capped in `samplers`).
 RECIPE: dict[str, dict[str, Any]] = {"diffusion": {"prediction": "v", "loss_weighting": "min_snr",
                                                    "schedule": "cosine"},
