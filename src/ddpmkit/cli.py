@@ -328,11 +328,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out or "samples.png") if args.out or not args.out_dir else None
     if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise DdpmError(f"--out {out} must end in .png, .jpg, .webp or .bmp")
-    if out is not None:  # before sampling, so a path the OS refuses costs no sampling time
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DdpmError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from None
+    if out is not None:  # before sampling, so a path the OS refuses (main() reports it) costs no sampling time
+        out.parent.mkdir(parents=True, exist_ok=True)
     if args.trajectory:
         check_trajectory_path(args.trajectory)
     options = {}

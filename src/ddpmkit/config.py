@@ -183,7 +183,7 @@ class Config:
 #     at 30k images even on the ADM backbone (v: 0-1%), and fails outright on the seed UNet;
 #   * a cosine learning-rate decay to 0 at the last epoch: 13-18% lower FD than constant;
 #   * min-SNR-5 loss weighting (Hang et al. 2023): 17-25% lower FD again;
-#   * the cosine noise schedule (Nichol & Dhariwal 2021): at 150k images, 3-4 points more samples
+#   * the cosine noise schedule (Nichol & Dhariwal 2021): at 150k images, 2-3 points more samples
 #     a digit classifier recognizes, on each of three models, at about the same FD (its
 #     DPM-Solver++ speckle came from Karras levels up to sigma 4096, now capped in `samplers`).
 RECIPE: dict[str, dict[str, Any]] = {"diffusion": {"prediction": "v", "loss_weighting": "min_snr",
