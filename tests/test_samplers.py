@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ddpmkit import samplers, schedules
+from ddpmkit.diffusion import VPDenoiser
 from ddpmkit.errors import DdpmError
 
 
@@ -13,8 +14,9 @@ class ExactDenoiser:
     on the noise levels of a 1000-step schedule (the seed's linear one by default)."""
 
     def __init__(self, kind="gauss", schedule="linear"):
-        ab = schedules.alpha_bar_schedule(schedule, 1000).double().clamp(min=2.0**-24)  # as VPDenoiser
-        self.discrete_sigmas = schedules.vp_sigmas(ab).float()
+        # the levels the library's VPDenoiser gives a model on this schedule (its clamp included)
+        ab = schedules.alpha_bar_schedule(schedule, 1000)
+        self.discrete_sigmas = VPDenoiser(torch.nn.Identity(), ab).discrete_sigmas
         self.sigma_min, self.sigma_max = float(self.discrete_sigmas[0]), float(self.discrete_sigmas[-1])
         self.kind = kind
         self.mu = torch.tensor([0.4, -0.2], dtype=torch.float64)
