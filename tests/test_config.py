@@ -63,6 +63,7 @@ def test_toml_and_yaml(tmp_path):
     ("diffusion", "beta_start", 0.0, "beta_start must be in"),
     ("diffusion", "zero_terminal_snr", True, "needs prediction v or x0"),
     ("train", "ema_decay", 1.0, "ema_decay must be in"),
+    ("train", "ema_sigma_rel", 0.3, "ema_sigma_rel must be 0"),
     ("train", "grad_accum", 0, "grad_accum must be >= 1"),
     ("train", "run_name", "../x", "plain folder name"),
     ("train", "sample_sampler", "magic", "sample_sampler 'magic'"),

@@ -1,4 +1,5 @@
 """Training, checkpoints and exact resume."""
+import math
 import os
 import signal
 
@@ -49,10 +50,11 @@ def assert_same_training_state(a, b):
     assert torch.equal(a["rng_state"]["torch"], b["rng_state"]["torch"])
 
 
-def test_resume_after_one_epoch_is_bit_identical(image_folder, tmp_path):
-    run(overrides(image_folder, tmp_path / "straight", epochs=2))
-    run(overrides(image_folder, tmp_path / "resumed", epochs=1))
-    summary = run(overrides(image_folder, tmp_path / "resumed", epochs=2))
+@pytest.mark.parametrize("sigma_rel", [0.0, 0.1])  # the seed's exponential EMA, the power-function EMA
+def test_resume_after_one_epoch_is_bit_identical(image_folder, tmp_path, sigma_rel):
+    run(overrides(image_folder, tmp_path / "straight", epochs=2, ema_sigma_rel=sigma_rel))
+    run(overrides(image_folder, tmp_path / "resumed", epochs=1, ema_sigma_rel=sigma_rel))
+    summary = run(overrides(image_folder, tmp_path / "resumed", epochs=2, ema_sigma_rel=sigma_rel))
     assert summary["status"] == "finished" and summary["epoch"] == 2
     assert_same_training_state(states(tmp_path / "straight"), states(tmp_path / "resumed"))
 
@@ -269,3 +271,31 @@ def test_cosine_schedule_reaches_zero_at_the_last_step_and_resumes_exactly(image
     monkeypatch.setattr(losses.VPLoss, "__call__", real_call)
     assert run(ov)["status"] == "finished"
     assert_same_training_state(states(straight), states(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.2])
+def test_power_ema_weighs_step_tau_as_its_closed_form(sigma_rel):
+    """Karras et al. 2024's power EMA after T updates is sum_tau w_tau theta_tau / T^(gamma+1), with
+    w_tau = tau^(gamma+1) - (tau-1)^(gamma+1) (beta_t = (1 - 1/t)^(gamma+1) telescopes to this)."""
+    gamma = train_module.power_ema_gamma(sigma_rel)
+    g = gamma + 1
+    assert math.sqrt(g / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(sigma_rel, rel=1e-9)
+    net = torch.nn.Linear(1, 1, bias=False).double()
+    ema = train_module.EMA(net, decay=0.995, sigma_rel=sigma_rel)
+    thetas = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for step, theta in enumerate(thetas, start=1):
+        net.weight.data.fill_(theta)
+        ema.update(net, step)
+    tau = torch.arange(1, len(thetas) + 1, dtype=torch.float64)
+    expected = ((tau ** g - (tau - 1) ** g) * thetas).sum() / len(thetas) ** g
+    assert ema.model.weight.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    # its width is sigma_rel of the run, whatever the run's length: the weights' sd over tau / T
+    w = (tau ** g - (tau - 1) ** g) / len(thetas) ** g
+    mean = (w * tau).sum() / len(tau)
+    assert math.sqrt((w * (tau / len(tau) - mean) ** 2).sum()) == pytest.approx(sigma_rel, rel=0.03)
+
+
+def test_power_ema_rejects_widths_no_profile_has():
+    for bad in (0.0, -0.1, 0.29, 1.0):
+        with pytest.raises(ValueError, match="sigma_rel must be in"):
+            train_module.power_ema_gamma(bad)

@@ -112,7 +112,8 @@ class TrainConfig:
     warmup_steps: int = 0                    # linear LR warmup over this many optimizer steps
     lr_schedule: str = "constant"            # after warmup: constant | cosine (to 0 at the last step of --epochs)
     grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping
-    ema_decay: float = 0.995                 # EMA of the weights (the seed's 0.995); 0 disables
+    ema_decay: float = 0.995                 # EMA of the weights (the seed's 0.995); 0 disables any EMA
+    ema_sigma_rel: float = 0.0               # > 0: a power-function EMA of this relative width instead (Karras et al. 2024)
     bf16: bool = False                       # bf16 autocast (CPU with AMX/AVX512-bf16, or a recent GPU)
     seed: int = 0                            # seeds weights, data order, noise and the sample grids
     device: str = "auto"                     # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
@@ -425,6 +426,8 @@ def _validate_train(cfg: Config) -> None:
            f"train.lr_schedule must be constant or cosine, got '{t.lr_schedule}'")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _check(0.0 <= t.ema_sigma_rel < 0.2886,
+           f"train.ema_sigma_rel must be 0 (off) or in (0, 0.2886), got {t.ema_sigma_rel}")
     _check(0 <= t.seed < 2**63, f"train.seed must be in 0..2**63-1, got {t.seed}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.sample_every_epochs >= 0, f"train.sample_every_epochs must be >= 0, got {t.sample_every_epochs}")

@@ -92,19 +92,58 @@ def resolve_device(name: str) -> torch.device:
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warm-up of the decay."""
+    """A moving average of the weights, updated after every optimizer step (`step` counts from 1).
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    Two profiles:
+    * `sigma_rel` = 0: the seed's exponential EMA, with the usual warm-up of its decay,
+      min(decay, (1 + step) / (10 + step));
+    * `sigma_rel` > 0: the power-function EMA of Karras et al. 2024 ("Analyzing and Improving the
+      Training Dynamics of Diffusion Models", Sec. 3): at step t the average weighs the weights of
+      step tau in proportion to tau^gamma, which one update keeps with beta_t = (1 - 1/t)^(gamma + 1).
+      Its width relative to the run's length stays sigma_rel at every step, so it suits a run of any
+      length; gamma comes from sigma_rel by `power_ema_gamma`.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, sigma_rel: float = 0.0):
         self.decay = decay
+        self.gamma = power_ema_gamma(sigma_rel) if sigma_rel > 0 else None
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def beta(self, step: int) -> float:
+        """The weight the average keeps at optimizer step `step` (1, 2, ...)."""
+        if self.gamma is not None:
+            return (1 - 1 / step) ** (self.gamma + 1)
+        return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
         ema_p = [p for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.beta(step))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of a power-function EMA whose relative width is sigma_rel.
+
+    Karras et al. 2024, Sec. 3: the profile tau^gamma on [0, t] has standard deviation
+    t * sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). That is decreasing in gamma, from
+    sqrt(1/12) ~ 0.289 at gamma = 0, so bisection in log gamma solves it for 0 < sigma_rel < 0.289.
+    """
+    if not 0 < sigma_rel < SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}), got {sigma_rel}")
+
+    def width(g: float) -> float:
+        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+
+    lo, hi = 1e-9, 1e9
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+SIGMA_REL_MAX = math.sqrt(1 / 12)  # the width of the flat profile, gamma = 0
 
 
 # --- preparing a run -------------------------------------------------------------------------
@@ -343,7 +382,7 @@ class _Trainer:
         np.random.seed(t.seed % 2**32)
         model, diffusion = self.task.build(self.cfg, self.device)
         model.train()
-        ema = EMA(model, t.ema_decay) if t.ema_decay > 0 and self.ctx.is_main else None
+        ema = EMA(model, t.ema_decay, t.ema_sigma_rel) if t.ema_decay > 0 and self.ctx.is_main else None
         flag = getattr(t, "grad_checkpoint", None)
         if flag is not None and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(flag)
