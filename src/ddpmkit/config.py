@@ -100,6 +100,10 @@ class DataConfig:
     cache_dir: str = ""                      # folder for a memory-mapped decoded-image cache; "" = in memory
 
 
+# The widest power-function EMA (`train.ema_sigma_rel`): the flat profile's sqrt(1/12).
+SIGMA_REL_MAX = math.sqrt(1 / 12)
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "DDPM_Unconditional"     # names models/RUN, results/RUN and runs/RUN
@@ -426,8 +430,8 @@ def _validate_train(cfg: Config) -> None:
            f"train.lr_schedule must be constant or cosine, got '{t.lr_schedule}'")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    _check(0.0 <= t.ema_sigma_rel < 0.2886,
-           f"train.ema_sigma_rel must be 0 (off) or in (0, 0.2886), got {t.ema_sigma_rel}")
+    _check(0.0 <= t.ema_sigma_rel < SIGMA_REL_MAX,
+           f"train.ema_sigma_rel must be 0 (off) or in (0, {SIGMA_REL_MAX:.4f}), got {t.ema_sigma_rel}")
     _check(0 <= t.seed < 2**63, f"train.seed must be in 0..2**63-1, got {t.seed}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _check(t.sample_every_epochs >= 0, f"train.sample_every_epochs must be >= 0, got {t.sample_every_epochs}")

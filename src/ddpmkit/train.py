@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
                          save_training)
-from .config import Config, apply_overrides, new_run_config, validate
+from .config import SIGMA_REL_MAX, Config, apply_overrides, new_run_config, validate
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
@@ -127,23 +127,15 @@ def power_ema_gamma(sigma_rel: float) -> float:
     """The exponent gamma of a power-function EMA whose relative width is sigma_rel.
 
     Karras et al. 2024, Sec. 3: the profile tau^gamma on [0, t] has standard deviation
-    t * sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). That is decreasing in gamma, from
-    sqrt(1/12) ~ 0.289 at gamma = 0, so bisection in log gamma solves it for 0 < sigma_rel < 0.289.
+    t * sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), decreasing in gamma from sqrt(1/12) at
+    gamma = 0. Squared, it is the cubic sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1, which has
+    one positive root for 0 < sigma_rel < sqrt(1/12).
     """
     if not 0 < sigma_rel < SIGMA_REL_MAX:
         raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}), got {sigma_rel}")
-
-    def width(g: float) -> float:
-        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
-
-    lo, hi = 1e-9, 1e9
-    for _ in range(200):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
-    return math.sqrt(lo * hi)
-
-
-SIGMA_REL_MAX = math.sqrt(1 / 12)  # the width of the flat profile, gamma = 0
+    s2 = sigma_rel ** 2
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
 # --- preparing a run -------------------------------------------------------------------------
