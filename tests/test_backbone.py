@@ -69,9 +69,11 @@ def test_every_output_depends_on_t(cfg):
     model = _perturb_zero_init(build_model(cfg, 3, 6)).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        outs = [model(x, torch.tensor([t, t])) for t in (3.0, 3.5, 700.0)]
-    for a, b in zip(outs, outs[1:]):
-        assert ((a - b).abs() > 1e-7).all(), "some output elements do not depend on t"
+        outs = torch.stack([model(x, torch.tensor([t, t])) for t in (3.0, 3.5, 50.0, 700.0)])
+    # each element must move somewhere across the four t; any one pair can coincide by chance
+    # (one element of 768 differed by 1.5e-8 between t = 3 and 3.5 on an AVX-512 CPU)
+    spread = outs.amax(0) - outs.amin(0)
+    assert (spread > 1e-5).all(), "some output elements do not depend on t"
 
 
 def test_adm_blocks_start_as_identity_and_the_output_at_zero():
