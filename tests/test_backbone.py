@@ -48,6 +48,16 @@ def test_every_preset_gives_the_input_shape_at_every_resolution(size):
                 assert out.shape == (1, c_out, side, side), (size, channels, c_out, side)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_first_channel_multiplier_above_one_widens_level_0(arch):
+    """channel_mults (3, 4): level 0 has 3 * base channels, so the input conv must produce that many."""
+    cfg = dataclasses.replace(SMALL_ADM, arch=arch, base_channels=8, channel_mults=(3, 4))
+    model = build_model(cfg, 1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 500]))
+    assert out.shape == (2, 1, 8, 8)
+
+
 def test_presets_use_the_intended_architecture_and_size():
     counts = {name: sum(p.numel() for p in build_model(cfg, 3).parameters()) for name, cfg in PRESETS.items()}
     targets = {"tiny": 1.4e6, "small": 8.0e6, "seed": 23.3e6, "cifar": 31.2e6}

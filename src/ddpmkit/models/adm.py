@@ -139,8 +139,8 @@ class ADMUNet(nn.Module):
         self.num_levels = len(channel_mults)
         self.grad_checkpointing = False
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(c_in, base_channels, 3, padding=1)
         widths = [base_channels * m for m in channel_mults]
+        self.conv_in = nn.Conv2d(c_in, widths[0], 3, padding=1)  # level 0's width (base * channel_mults[0])
         block = dict(emb_dim=time_dim, dropout=dropout)
         self.enc, skip_widths = self._encoder(widths, set(attn_levels), num_heads, num_res_blocks, block)
         top = widths[-1]
