@@ -49,7 +49,9 @@ DPMSolverMultistepScheduler (DPM-Solver++(2M), with and without thresholding; th
 sample_max_value 1 clamps the x0 estimate to [-1, 1], like ddpmkit's clipping) and
 DDPMScheduler at all 1000 steps, each with diffusers' default timestep spacing.
 
-Both run in this process with the same torch thread count (--threads). "train wall s" is the whole
+Both run in this process with the same torch thread count (--threads). --device cuda trains and
+samples ddpmkit on a GPU (diffusers and the classifier stay on the CPU); a GPU draws other random
+numbers, so its runs are other training runs than the CPU's with the same seed. "train wall s" is the whole
 training call (for ddpmkit it includes reading the PNG folder and its per-epoch checkpoints);
 "train img/s" is the training images seen per second of it.
 """
@@ -181,8 +183,9 @@ def laplacian_energy(images_uint8) -> np.ndarray:
 class Scorer:
     """FD against split B in the classifier's feature space, recognized share, speckled share."""
 
-    def __init__(self, splits: dict[str, np.ndarray], seed: int = 0, epochs: int = 40):
-        self.net = train_classifier(splits["a"], splits["a_labels"], epochs, seed)
+    def __init__(self, splits: dict[str, np.ndarray], seed: int = 0, epochs: int = 40, net: DigitNet | None = None):
+        """`net`: an already trained classifier (its weights decide the FD scale), else one is trained."""
+        self.net = net.eval() if net is not None else train_classifier(splits["a"], splits["a_labels"], epochs, seed)
         feats, probs = self._outputs(splits["b"])
         self.accuracy = float((probs.argmax(1) == splits["b_labels"]).mean())
         self.ref = feature_stats(feats)
@@ -225,7 +228,7 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
     overrides = {
         "model": {"size": args.model_size},
         "data": {"path": str(folder), "image_size": SIZE, "channels": 1},
-        "train": {"workdir": str(workdir), "run_name": "bench_quality", "epochs": epochs, "device": "cpu",
+        "train": {"workdir": str(workdir), "run_name": "bench_quality", "epochs": epochs, "device": args.device,
                   "batch_size": args.batch_size, "sample_every_epochs": 0, "sample_every_steps": 0},
     }
     if args.train_seed is not None:
@@ -238,7 +241,7 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
     wall = time.perf_counter() - start
     if summary["status"] != "finished":
         sys.exit(f"ddpmkit training ended as '{summary['status']}', not finished")
-    model, diffusion, cfg = load_model(summary["ckpt"])
+    model, diffusion, cfg = load_model(summary["ckpt"], device=args.device)
     return {"model": model, "diffusion": diffusion, "cfg": cfg, "train_s": wall, "ckpt": summary["ckpt"], "images": epochs * n_train,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -447,6 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ddpmkit config override, as `ddpm train --set` (repeatable)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads for both (default: {torch.get_num_threads()})")
+    p.add_argument("--device", default="cpu", help="where ddpmkit trains and samples: cpu (default) or cuda "
+                   "(diffusers and the classifier stay on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, classifier, training and sampling")
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of both trainings only (weights, data order, noise), to measure the spread between "
@@ -474,6 +479,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --rows {','.join(unknown)}; choose from {','.join(ROW_KEYS)}")
     if args.sample_seeds < 1:
         p.error(f"--sample-seeds must be >= 1, got {args.sample_seeds}")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
     return args
 
 
