@@ -172,7 +172,8 @@ def main(argv=None) -> None:
         opts = {"threads": threads, "classifier": clf_path, "images": args.images, "base_set": args.base_set,
                 "device": args.device, "n": args.n, "draws": args.draws, "folder": str(folder)}
         start, results = time.perf_counter(), {}
-        with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10 reuses its workers
+        with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), **fresh) as pool:
             futures = {pool.submit(one_run, run, opts): run["name"] for run in runs}
             for future in futures:
                 name = futures[future]
