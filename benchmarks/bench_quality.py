@@ -450,8 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ddpmkit config override, as `ddpm train --set` (repeatable)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads for both (default: {torch.get_num_threads()})")
-    p.add_argument("--device", default="cpu", help="where ddpmkit trains and samples: cpu (default) or cuda "
-                   "(diffusers and the classifier stay on the CPU)")
+    p.add_argument("--device", default="cpu", help="where ddpmkit trains and samples, as `ddpm train --device` "
+                   "(default: cpu; diffusers and the classifier stay on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, classifier, training and sampling")
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of both trainings only (weights, data order, noise), to measure the spread between "
@@ -479,9 +479,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --rows {','.join(unknown)}; choose from {','.join(ROW_KEYS)}")
     if args.sample_seeds < 1:
         p.error(f"--sample-seeds must be >= 1, got {args.sample_seeds}")
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        p.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
+    check_device(p, args.device)
     return args
+
+
+def check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    """Stop with a usage error unless ddpmkit's trainer can use the device `name` here."""
+    from ddpmkit.errors import DdpmError
+    from ddpmkit.train import resolve_device
+
+    try:
+        resolve_device(name)
+    except DdpmError as e:
+        parser.error(f"--device {name}: {e}")
 
 
 def main(argv=None) -> None:

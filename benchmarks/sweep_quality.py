@@ -77,20 +77,24 @@ def load_runs(path: str) -> list[dict]:
     return out
 
 
-def classifier(splits: dict, path: str | None, epochs: int) -> bq.DigitNet:
-    """The scorer's classifier: loaded from `path` if it exists, else trained (and saved to `path`)."""
-    if path and Path(path).exists():
-        net = bq.DigitNet()
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as e:  # a wrong or damaged file: say which, without a traceback
-            sys.exit(f"--classifier {path} is not a saved digit classifier ({type(e).__name__}); delete it to retrain")
-        return net.eval()
+def load_classifier(path: str) -> bq.DigitNet:
+    """A digit classifier saved by `classifier`."""
+    net = bq.DigitNet()
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # a wrong or damaged file: say which, without a traceback
+        sys.exit(f"--classifier {path} is not a saved digit classifier ({type(e).__name__}); delete it to retrain")
+    return net.eval()
+
+
+def classifier(splits: dict, path: str, epochs: int) -> None:
+    """Make sure `path` holds the scorer's classifier: check an existing file, else train one and save it."""
+    if Path(path).exists():
+        load_classifier(path)
+        return
     net = bq.train_classifier(splits["a"], splits["a_labels"], epochs, 0)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(net.state_dict(), path)
-    return net
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
 
 
 def one_run(run: dict, opts: dict) -> dict:
@@ -99,9 +103,7 @@ def one_run(run: dict, opts: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as on the CPU
     torch.backends.cudnn.allow_tf32 = False
     splits = bq.digit_splits(0)
-    net = bq.DigitNet()
-    net.load_state_dict(torch.load(opts["classifier"], map_location="cpu", weights_only=True))
-    score = bq.Scorer(splits, net=net)
+    score = bq.Scorer(splits, net=load_classifier(opts["classifier"]))
     args = SimpleNamespace(images=opts["images"], model_size="tiny", batch_size=64, train_seed=run["seed"],
                            ddpmkit_set=opts["base_set"] + run["set"], device=opts["device"])
     with tempfile.TemporaryDirectory(prefix=f"sweep_{run['name']}_") as tmp:
@@ -130,7 +132,8 @@ def table(results: list[dict], baseline: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="JSON file listing the runs")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains and samples")
+    p.add_argument("--device", default="cpu", help="where every run trains and samples, as `ddpm train --device` "
+                   "(default: cpu)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (default: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: CPU cores / --parallel)")
     p.add_argument("--images", type=int, default=150_000, help="training images per run (default: 150000)")
@@ -143,15 +146,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier-epochs", type=int, default=40, help="its epochs when trained (default: 40)")
     p.add_argument("--json", metavar="PATH", help="also write every run's draws as JSON")
     args = p.parse_args(argv)
-    for name in ("parallel", "images", "n", "draws"):
+    for name in ("parallel", "images", "draws"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.n < 2:
         p.error("--n must be >= 2: FD needs a covariance")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        p.error(f"--device takes cpu or cuda, got {args.device}")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    bq.check_device(p, args.device)
     bq.parse_sets(args.base_set)
     return args
 
