@@ -491,7 +491,7 @@ def check_device(parser: argparse.ArgumentParser, name: str) -> None:
     try:
         resolve_device(name)
     except DdpmError as e:
-        parser.error(f"--device {name}: {e}")
+        parser.error(str(e) if "--device" in str(e) else f"--device {name}: {e}")
 
 
 def main(argv=None) -> None:
