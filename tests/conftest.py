@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+# DDPMKIT_TEST_THREADS=1 lets two test runs share the 2-core machine without oversubscribing it.
+torch.set_num_threads(int(os.environ.get("DDPMKIT_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import torch
 from ddpmkit import Diffusion, samplers, schedules
 from ddpmkit.diffusion import EDMDenoiser, VPDenoiser, target
 from ddpmkit.losses import EDMLoss, VPLoss
+from exact_nets import InterpolatingGaussian
 
 
 def test_vlb_term_matches_hand_computed_kl():
@@ -92,25 +93,6 @@ def test_edm_loss_of_zero_network_on_matched_gaussian_is_one():
     zero_net = lambda x, t: torch.zeros_like(x)
     values = loss(zero_net, 0.5 * torch.randn(20000, 1, 2, 2))
     assert values.mean().item() == pytest.approx(1.0, abs=0.03)
-
-
-class InterpolatingGaussian(torch.nn.Module):
-    """Exact network output for N(mu, s^2) data at fractional timesteps, using the same
-    log-sigma interpolation as VPDenoiser so every sampler's noise levels are exact."""
-
-    def __init__(self, den, mu, std, prediction):
-        super().__init__()
-        self.log_sigmas, self.mu, self.std, self.prediction = den.log_sigmas, mu, std, prediction
-
-    def forward(self, x, t):
-        lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
-        w = t - lo
-        sigma = torch.exp(torch.lerp(self.log_sigmas[lo], self.log_sigmas[lo + 1], w)).view(-1, 1, 1, 1)
-        ab = 1 / (1 + sigma**2)
-        a, s = ab.sqrt(), (1 - ab).sqrt()
-        x0 = self.mu + self.std**2 * a / (ab * self.std**2 + 1 - ab) * (x - a * self.mu)  # E[x0 | x_t]
-        eps = (x - a * x0) / s
-        return target(self.prediction, x0, eps, a, s)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

@@ -94,13 +94,14 @@ def _stored(path: Path, method: str, teacher_path: str, steps: int, train: dict)
     return validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))), ckpt
 
 
-def _task(method: str, teacher_path: str, teacher_state: dict, budget: int, cfg: Config, ckpt: dict | None,
-          start: int | None, pairs: int | None, log: Callable):
+def _task(method: str, teacher_path: str, teacher_cfg: Config, teacher_state: dict, budget: int, cfg: Config,
+          ckpt: dict | None, start: int | None, pairs: int | None, log: Callable):
     from . import tasks
 
     if method == "progressive":
         first = int(ckpt["task_state"]["start_steps"]) if ckpt and "task_state" in ckpt else start
-        return tasks.ProgressiveTask(teacher_path, teacher_state, budget, first, cfg.distill.steps, log)
+        return tasks.ProgressiveTask(teacher_path, teacher_state, budget, first, cfg.distill.steps,
+                                     teacher_cfg.diffusion, log)
     if method == "student":
         n = int(ckpt["task_state"]["pairs"]) if ckpt and "task_state" in ckpt else (pairs or 2000)
         path = Path(cfg.train.workdir) / "models" / cfg.train.run_name / "pairs.npy"
@@ -135,7 +136,7 @@ def distill(teacher: str, method: str, run_name: str, steps: int | None = None, 
         ckpt = None
         if path.exists():
             cfg, ckpt = _stored(path, method, teacher, steps, given)
-        task = _task(method, teacher, teacher_state, images or DEFAULT_IMAGES[method], cfg, ckpt, start, pairs, log)
+        task = _task(method, teacher, teacher_cfg, teacher_state, images or DEFAULT_IMAGES[method], cfg, ckpt, start, pairs, log)
         data = task.data(cfg, log)
         b = cfg.train.batch_size
         epochs = task.plan(num_batches(len(data), b), b)

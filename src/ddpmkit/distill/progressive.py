@@ -19,7 +19,8 @@ max(SNR, 1) ||x^ - x~||^2 with SNR = 1 / s^2, their truncated-SNR weighting ("ma
 
 The student keeps the teacher's network and parameterization when the teacher predicts x0 or v
 or is an EDM model; an eps teacher gets a v-predicting student (Salimans & Ho §4: eps-prediction
-is unstable at few steps), whose output layer then relearns its meaning in the first stage.
+is unstable at few steps), whose output layer then relearns its meaning in the first stage. The
+first stage's teacher is still read as the eps model it is (`ProgressiveLoss`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def x_target(x: torch.Tensor, x_teacher: torch.Tensor, s: torch.Tensor, s_next: 
 
 
 class ProgressiveLoss:
-    """Loss of one halving stage: `state()` gives (teacher network, student steps N) now."""
+    """Loss of one halving stage: `state()` gives (teacher network, the teacher's Diffusion, student steps N) now.
+
+    The teacher is read with its own Diffusion: in the first stage that is the teacher
+    checkpoint's (an eps teacher stays an eps model even though its student predicts v), later
+    the run's own, since the previous stage's student is the teacher.
+    """
 
     def __init__(self, diffusion, state):
         self.diffusion, self.state = diffusion, state
@@ -56,17 +62,21 @@ class ProgressiveLoss:
         eps = torch.randn((n, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
         return {"u": u, "eps": eps}
 
-    def __call__(self, net: nn.Module, x0: torch.Tensor, draws: dict) -> torch.Tensor:
-        teacher_net, steps = self.state()
-        student = self.diffusion.denoiser(net, clip=False)
-        teacher = self.diffusion.denoiser(teacher_net, clip=False)
-        fine = nested_sigmas(student, 2 * steps).to(x0.device)
+    def target(self, x0: torch.Tensor, draws: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x at level s, s, x~): the student's input, its level and Eq. (*)'s target from two teacher steps."""
+        teacher_net, teacher_diffusion, steps = self.state()
+        teacher = teacher_diffusion.denoiser(teacher_net, clip=False)
+        fine = nested_sigmas(teacher, 2 * steps).to(x0.device)
         i = (draws["u"] * steps).long().clamp(max=steps - 1)
         s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
         x = x0 + s.view(-1, *([1] * (x0.ndim - 1))) * draws["eps"]
         with torch.no_grad():
             x_teacher = ddim_step(teacher, ddim_step(teacher, x, s, s_mid), s_mid, s_next)
-            target = x_target(x, x_teacher, s, s_next)
+            return x, s, x_target(x, x_teacher, s, s_next)
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, draws: dict) -> torch.Tensor:
+        x, s, target = self.target(x0, draws)
+        student = self.diffusion.denoiser(net, clip=False)
         weight = torch.clamp(1 / s**2, min=1.0)  # max(SNR, 1), SNR = 1 / s^2 in these coordinates
         return weight * ((student(x, s).float() - target) ** 2).flatten(1).mean(1)
 

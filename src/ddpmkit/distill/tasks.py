@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..checkpoint import FORMAT_VERSION, atomic_save, load_state, model_from_config
-from ..config import Config
+from ..config import Config, DiffusionConfig
 from ..data import load_data
+from ..diffusion import Diffusion
 from ..images import save_images
 from ..tasks import Task
 from .consistency import ConsistencyLoss
@@ -74,11 +75,13 @@ class ProgressiveTask(DistillTask):
 
     method = "progressive"
 
-    def __init__(self, teacher_path, teacher_state, budget, start_steps: int, final_steps: int, log=print):
+    def __init__(self, teacher_path, teacher_state, budget, start_steps: int, final_steps: int,
+                 teacher_diffusion: DiffusionConfig, log=print):
         super().__init__(teacher_path, teacher_state, budget, log)
         self.start_steps, self.final_steps = start_steps, final_steps
         self.stages = int(round(math.log2(start_steps // final_steps)))
         self.stage, self.per_stage, self.teacher = 0, 0, None
+        self.teacher_diffusion = teacher_diffusion  # the first stage's teacher is read with its own config
 
     def plan(self, n_batches: int, batch_size: int) -> int:
         """Epochs for `budget` images per stage; sets the optimizer steps per stage (equal stages)."""
@@ -96,7 +99,19 @@ class ProgressiveTask(DistillTask):
         return self.start_steps // 2 ** (self.stage + 1)
 
     def make_loss(self, diffusion, cfg):
-        return ProgressiveLoss(diffusion, lambda: (self.teacher, self.steps_now()))
+        first = {}
+
+        def state():
+            """Stage 0 distils the teacher checkpoint, read with its own diffusion config (an eps teacher
+            of a v student stays eps); later stages distil the previous student, read as the run's model."""
+            if self.stage > 0:
+                return self.teacher, diffusion, self.steps_now()
+            if "diffusion" not in first:
+                first["diffusion"] = Diffusion.from_config(self.teacher_diffusion, diffusion.img_size,
+                                                           diffusion.channels, diffusion.device)
+            return self.teacher, first["diffusion"], self.steps_now()
+
+        return ProgressiveLoss(diffusion, state)
 
     def after_step(self, trainer) -> None:
         stage = min(trainer.state.step // self.per_stage, self.stages - 1)
@@ -121,11 +136,14 @@ class ProgressiveTask(DistillTask):
 
     def extra_state(self):
         return {**super().extra_state(), "stage": self.stage, "per_stage": self.per_stage,
-                "start_steps": self.start_steps, "teacher_state": self.teacher.state_dict()}
+                "start_steps": self.start_steps, "teacher_state": self.teacher.state_dict(),
+                "teacher_diffusion": dataclasses.asdict(self.teacher_diffusion)}
 
     def load_extra_state(self, state):
         self.stage, self.per_stage = int(state["stage"]), int(state["per_stage"])
         self.teacher.load_state_dict(state["teacher_state"])
+        if "teacher_diffusion" in state:  # runs saved before it was stored read the teacher file's config
+            self.teacher_diffusion = DiffusionConfig(**state["teacher_diffusion"])
 
 
 class StudentTask(DistillTask):
