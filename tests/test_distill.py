@@ -58,6 +58,45 @@ def test_progressive_target_one_student_step_lands_on_two_teacher_steps(levels):
     torch.testing.assert_close(target, eq8, rtol=1e-10, atol=1e-10)
 
 
+def _progressive_loss_of_an_exact_teacher(prediction: str, steps: int = 2):
+    """The first stage's loss of a progressive run whose teacher is the exact `prediction` network
+    of N(0.3, 0.5^2) pixels on the linear 1000-step schedule, built as `ddpm distill` builds it."""
+    from ddpmkit.config import Config, DataConfig, DiffusionConfig
+    from ddpmkit.distill import _run_config
+    from ddpmkit.distill.tasks import ProgressiveTask
+    from exact_nets import InterpolatingGaussian
+
+    teacher_cfg = Config(diffusion=DiffusionConfig(prediction=prediction), data=DataConfig(image_size=8, channels=1))
+    cfg = _run_config(teacher_cfg, "teacher.pt", "progressive", steps, {"run_name": "x"})
+    diffusion = Diffusion.from_config(cfg.diffusion, 4, 1)
+    task = ProgressiveTask("teacher.pt", {}, 8, 2 * steps, steps, teacher_cfg.diffusion)
+    task.teacher = InterpolatingGaussian(Diffusion.from_config(teacher_cfg.diffusion, 4, 1).denoiser(
+        torch.nn.Identity()), 0.3, 0.5, prediction)
+    return cfg, task.make_loss(diffusion, cfg)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_first_stage_target_is_two_exact_ddim_steps_of_the_teacher(prediction):
+    # Salimans & Ho (2022) Alg. 2: the target is what two DDIM steps of the teacher give. An eps
+    # teacher's student predicts v, but the teacher must still be read as eps: read as v, its x0 is
+    # off by up to ~3 at the top levels (the bug this guards).
+    cfg, loss = _progressive_loss_of_an_exact_teacher(prediction)
+    assert cfg.diffusion.prediction == ("v" if prediction == "eps" else prediction)
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.3 + 0.5 * torch.randn(64, 1, 4, 4, generator=g)
+    draws = loss.draw(64, x0, generator=g)
+    x, s, target = loss.target(x0, draws)
+    fine = samplers.nested_sigmas(loss.diffusion.denoiser(torch.nn.Identity()), 4)
+    i = (draws["u"] * 2).long()
+    assert set(i.tolist()) == {0, 1}  # both student steps are checked
+    exact = GaussDenoiser()
+    xd = x.double()
+    two = progressive.ddim_step(exact, progressive.ddim_step(exact, xd, s.double(), fine[2 * i + 1].double()),
+                                fine[2 * i + 1].double(), fine[2 * i + 2].double())
+    expected = progressive.x_target(xd, two, s.double(), fine[2 * i + 2].double())
+    torch.testing.assert_close(target.double(), expected, rtol=1e-3, atol=2e-3)
+
+
 def test_nested_grids_halve_exactly():
     for diff in (Diffusion(img_size=8, timesteps=1000), Diffusion(img_size=8, objective="edm")):
         den = diff.denoiser(torch.nn.Identity())
@@ -89,6 +128,90 @@ def test_consistency_boundary_condition_is_exact_for_any_network(seed, kind):
     c_skip, c_out, _, _ = f.coefficients(torch.tensor([f.sigma_min], dtype=torch.float32))
     assert c_skip.item() == 1.0 and c_out.item() == 0.0
     assert not torch.allclose(f(x, torch.tensor(1.0)), x)  # away from sigma_min the network acts
+
+
+def test_gap_schedule_is_ects_mapping_function():
+    # Geng et al. (2024) §3: r = t (1 - n(t) / q^(stage + 1)), n(t) = 1 + k sigmoid(-b t), q = 2,
+    # k = 8, b = 1; the stage advances every 1/8 of the run.
+    from ddpmkit.distill.consistency import gap_ratio
+
+    t = torch.tensor([0.01, 0.3, 1.0, 4.0, 20.0, 80.0])
+    total = 800
+    for step in (0, 99, 100, 250, 799):
+        stage = step // 100
+        expected = 1 - (1 + 8 / (1 + torch.exp(t))) / 2.0 ** (stage + 1)
+        torch.testing.assert_close(gap_ratio(t, step, total), expected, rtol=0, atol=1e-6)
+    # Stage 0 is already a consistency gap (r = t / 2 at large t), not plain denoising at sigma_min,
+    # and the last stage's gap is 1/256 of t there.
+    assert abs(gap_ratio(torch.tensor(80.0), 0, total) - 0.5) < 1e-6
+    assert abs(1 - gap_ratio(torch.tensor(80.0), total - 1, total) - 1 / 256) < 1e-6
+
+
+class DropoutNet(torch.nn.Module):
+    """An identity-like network with dropout that records each forward's mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, x, t):
+        mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, self.training)
+        self.masks.append(mask)
+        return x * mask
+
+
+def test_consistency_passes_share_one_dropout_mask_and_leave_the_rng_as_after_one_pass():
+    # ECT (Geng et al. 2024, training/loss.py) replays the RNG so that f(x_t, t) and the target
+    # f(x_r, r) see the same dropout mask.
+    from ddpmkit.distill.consistency import ConsistencyLoss
+
+    net = DropoutNet().train()
+    loss = ConsistencyLoss(Diffusion(img_size=4, channels=1, timesteps=100, prediction="v"), lambda: (0, 8))
+    x0 = torch.zeros(3, 1, 4, 4)
+    draws = loss.draw(3, x0, torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    loss(net, x0, draws)
+    after = torch.rand(4)
+    assert len(net.masks) == 2 and torch.equal(net.masks[0], net.masks[1])
+    torch.manual_seed(5)
+    torch.nn.functional.dropout(torch.ones(3, 1, 4, 4), 0.5, True)
+    assert torch.equal(torch.rand(4), after)  # later draws continue from one pass's state
+
+
+def test_progressive_loss_is_the_truncated_snr_weighted_error_to_the_target():
+    # Salimans & Ho (2022) §4: max(SNR, 1) ||x^ - x~||^2 with SNR = 1 / s^2 in VE coordinates.
+    cfg, loss = _progressive_loss_of_an_exact_teacher("v", steps=4)
+    g = torch.Generator().manual_seed(1)
+    x0 = 0.3 + 0.5 * torch.randn(32, 1, 4, 4, generator=g)
+    draws = loss.draw(32, x0, generator=g)
+    student = Wild(3, channels=1)
+    x, s, target = loss.target(x0, draws)
+    out = loss.diffusion.denoiser(student, clip=False)(x, s)
+    expected = torch.clamp(1 / s**2, min=1) * ((out - target) ** 2).flatten(1).mean(1)
+    assert (s < 1).any() and (s > 1).any()  # both sides of the truncation
+    torch.testing.assert_close(loss(student, x0, draws), expected, rtol=1e-5, atol=0)
+
+
+def test_consistency_loss_is_ects_pseudo_huber_over_the_gap():
+    # Geng et al. (2024): w(t, r) d(f(x0 + t n, t), f(x0 + r n, r)) with w = 1 / (t - r) here and
+    # d the pseudo-Huber metric with c = 0.00054 sqrt(dim) (Song & Dhariwal 2024, §3.3).
+    from ddpmkit.distill.consistency import ConsistencyLoss, gap_ratio
+
+    diffusion = Diffusion(img_size=4, channels=1, timesteps=100, prediction="v")
+    net = Wild(2, channels=1)
+    for step in (0, 5):
+        loss = ConsistencyLoss(diffusion, lambda: (step, 8))
+        x0 = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(step)) * 2 - 1
+        draws = loss.draw(6, x0, torch.Generator().manual_seed(step))
+        f = ConsistencyFunction(diffusion.denoiser(net, clip=False))
+        t = draws["t"].clamp(f.sigma_min * 1.001, f.denoiser.sigma_max)
+        r = torch.maximum(t * gap_ratio(t, step, 8), torch.tensor(f.sigma_min))
+        bc = lambda v: v.view(-1, 1, 1, 1)
+        a, b = f(x0 + bc(t) * draws["noise"], t), f(x0 + bc(r) * draws["noise"], r)
+        c = 0.00054 * 4.0
+        expected = (((a - b) ** 2).flatten(1).sum(1) + c**2).sqrt() - c
+        torch.testing.assert_close(loss(net, x0, draws), expected / (t - r), rtol=1e-5, atol=0)
+        assert (r > f.sigma_min).any() or step == 0
 
 
 def test_pair_file_resumes_where_a_killed_generation_stopped(tmp_path, monkeypatch):
@@ -228,6 +351,38 @@ def test_progressive_kill_and_resume_is_exact_across_a_stage_switch(teacher, mon
     assert a["global_step"] == b["global_step"] == 6
     snap = load_model(root / "models" / "straight" / "steps4.pt")[2]  # the finished 4-step stage
     assert snap.distill.steps == 4
+
+
+def test_a_resume_in_the_first_stage_still_reads_the_eps_teacher_as_eps(teacher, monkeypatch):
+    # The fixture's teacher predicts eps; its student predicts v. Stage 1 (8 -> 4) distils the
+    # teacher read as eps, stage 2 (4 -> 2) the stage-1 student read as v, with or without a stop
+    # and resume in stage 1.
+    real = progressive.ProgressiveLoss.target
+    seen, calls = [], {"n": 0}
+
+    def spy(self, x0, draws):
+        seen.append((self.state()[2], self.state()[1].prediction))
+        return real(self, x0, draws)
+
+    def interrupting(self, x0, draws):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return spy(self, x0, draws)
+
+    monkeypatch.setattr(progressive.ProgressiveLoss, "target", spy)
+    _distill(teacher, "progressive", "first_straight", steps=2, start_steps_=8, images=24)
+    assert seen == [(4, "eps")] * 3 + [(2, "v")] * 3
+    seen.clear()
+    monkeypatch.setattr(progressive.ProgressiveLoss, "target", interrupting)
+    assert _distill(teacher, "progressive", "first_resumed", steps=2, start_steps_=8, images=24)["status"] == "stopped"
+    monkeypatch.setattr(progressive.ProgressiveLoss, "target", spy)
+    assert _distill(teacher, "progressive", "first_resumed", steps=2, start_steps_=8, images=24)["status"] == "finished"
+    assert [p for _, p in seen] == ["eps"] * 3 + ["v"] * 3  # the steps before and after the stop
+    root = teacher[0]
+    a, b = (torch.load(root / "models" / n / "ckpt.pt", weights_only=True) for n in ("first_straight", "first_resumed"))
+    for name in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][name], b["model_state_dict"][name]), name
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -20,10 +20,12 @@ Training (ECT): x_t = x + t n and x_r = x + r n share the noise n; the loss is
 w(t, r) d(f(x_t, t), stopgrad f(x_r, r)) with the pseudo-Huber metric
 d(a, b) = sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim) (Song & Dhariwal 2024, "Improved
 techniques for training consistency models", §3.3), w = 1 / (t - r), and ln t ~ N(-1.1, 2.0^2).
-The gap shrinks during the run: r = t (1 - n(t) / q^a), n(t) = 1 + k sigmoid(-b t), q = 2, k = 8,
-b = 1, a = floor(step / d) (Geng et al. 2024, §3 "the mapping function"); r is clamped to
-[sigma_min, t). The first segment (a = 0, r clamped to sigma_min) is denoising at t, as in
-diffusion pre-training; d is 1/8 of the run here (ECT halves the gap at a fixed interval).
+The gap shrinks during the run: r = t (1 - n(t) / q^(a+1)), n(t) = 1 + k sigmoid(-b t), q = 2,
+k = 8, b = 1, stage a = floor(step / d) (Geng et al. 2024, §3 "the mapping function"; their code's
+`t_to_r_sigmoid` divides by q ** (stage + 1), so stage 0 already has r = t / 2 at large t); r is
+clamped to [sigma_min, t). d is 1/8 of the run here (ECT halves the gap at a fixed interval).
+Both passes see the same dropout mask (ECT replays the RNG state before the r pass), so the
+difference f(x_t, t) - f(x_r, r) comes from the gap alone.
 """
 from __future__ import annotations
 
@@ -62,11 +64,11 @@ class ConsistencyFunction(nn.Module):
 
 
 def gap_ratio(t: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
-    """r / t at training step `step`: 1 - n(t) / q^a (Geng et al. 2024 §3), before clamping."""
+    """r / t at training step `step`: 1 - n(t) / q^(stage + 1) (Geng et al. 2024 §3), before clamping."""
     d = max(1, total_steps // GAP_SEGMENTS)
-    a = step // d
+    stage = step // d
     n = 1 + GAP_K * torch.sigmoid(-GAP_B * t)
-    return 1 - n / GAP_Q**a
+    return 1 - n / GAP_Q ** (stage + 1)
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,14 @@ class ConsistencyLoss:
         t = draws["t"].clamp(smin * 1.001, smax)
         r = torch.maximum(t * gap_ratio(t, *self.schedule()), torch.full_like(t, smin))
         bc = lambda v: v.view(-1, *([1] * (x0.ndim - 1)))
+        devices = [x0.device] if x0.device.type != "cpu" else []
+        rng = torch.get_rng_state(), [torch.get_device_module(d).get_rng_state(d) for d in devices]
         out_t = f(x0 + bc(t) * draws["noise"], t)
-        with torch.no_grad():
+        # The r pass replays the RNG state the t pass started from (one dropout mask for both, as
+        # ECT does); fork_rng leaves the state after the t pass in place for the rest of the step.
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x0.device.type):
+            torch.set_rng_state(rng[0])
+            for d, state in zip(devices, rng[1]):
+                torch.get_device_module(d).set_rng_state(state, d)
             out_r = f(x0 + bc(r) * draws["noise"], r)
         return pseudo_huber(out_t, out_r) / (t - r)
