@@ -295,3 +295,40 @@ def test_karras_levels_are_capped_on_a_cosine_schedule():
     assert torch.equal(lin_sig[:-1], schedules.karras_sigmas(20, lin.sigma_min, lin.sigma_max).float())
     assert gaussian_errors("heun", 10, schedule="cosine")[1] < 0.1
     assert gaussian_errors("dpm++2m", 5, schedule="cosine")[1] < 0.04
+
+
+class TimestepRecorder(torch.nn.Module):
+    """A v-network of a 100-step model that records the (fractional) timesteps it is called at."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.extend(round(float(v), 3) for v in t[:1])
+        return 0.1 * x
+
+
+@pytest.mark.parametrize("sampler", ["progressive", "consistency"])
+def test_student_samplers_honour_sdedit_and_repaint_levels(sampler):
+    # SDEdit (Meng et al. 2022) starts at t0 = S T and runs the rest of the sampler's own levels;
+    # RePaint (Lugmayr et al. 2022) repeats each step between two levels. A student sampler that
+    # rebuilt its grid from the top would call the network at t = 99 there.
+    from ddpmkit.diffusion import Diffusion
+    from ddpmkit.guidance.sampling import generate
+
+    d = Diffusion(img_size=4, channels=1, timesteps=100, prediction="v")
+    den = d.denoiser(torch.nn.Identity())
+    own = [round(float(t), 3) for t in den.sigma_to_t(samplers.sampler_sigmas(den, sampler, 4)[:-1])]
+    if sampler == "progressive":
+        assert own == [99, 74, 49, 24]  # the nested (trailing) grid of a 4-step student
+    net = TimestepRecorder()
+    init = torch.zeros(1, 1, 4, 4)
+    generate(d, net, 2, init=init, strength=0.3, sampler=sampler, steps=4, seed=0)
+    assert net.seen[0] == 29.0  # sigma(t0) with t0 = 0.3 * 100 - 1
+    assert net.seen[1:] == [t for t in own if t < 29]
+    net.seen.clear()
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1
+    generate(d, net, 2, known=init, mask=mask, resample=2, sampler=sampler, steps=4, seed=0)
+    assert net.seen == [t for t in own for _ in range(2)][:-1]  # each level twice; the last step once

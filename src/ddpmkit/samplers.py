@@ -307,38 +307,33 @@ def nested_sigmas(denoiser, steps: int) -> torch.Tensor:
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-@torch.no_grad()
-def sample_progressive(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
-                       progress: bool = False) -> torch.Tensor:
-    """Deterministic DDIM on `nested_sigmas` with len(sigmas) - 1 steps: the sampler a progressive
-    student (Salimans & Ho 2022, Alg. 2) was distilled for; the given levels only fix the count."""
-    grid = nested_sigmas(denoiser, len(sigmas) - 1).to(x.device)
-    return sample_ddim(denoiser, x, grid, noise=noise, callback=callback, progress=progress)
+def consistency_sigmas(denoiser, steps: int) -> torch.Tensor:
+    """The levels of multistep consistency sampling (Song et al. 2023, Alg. 1): Karras et al. (2022)
+    Eq. (5) with steps + 1 points from the top level to sigma_min, without sigma_min itself (f is the
+    identity there), then 0. One step evaluates at the top level only."""
+    sig = make_sigmas(getattr(denoiser, "discrete_sigmas", None), steps + 1, "karras",
+                      sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max)
+    return torch.cat([sig[:steps], sig.new_zeros(1)])
 
 
 @torch.no_grad()
 def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, noise=None, callback=None,
                        progress: bool = False) -> torch.Tensor:
-    """Multistep consistency sampling, Song et al. (2023) Alg. 1: x0 = f(x, sigma_max); for each
-    further level s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) z, s). f is `distill.consistency`'s
-    boundary-condition parameterization of the model. The levels are Karras et al. (2022) Eq. (5)
-    with steps + 1 points from sigma_max to sigma_min, without the last (f is the identity there):
-    1 step evaluates at sigma_max only; 2 steps add sigma ~ 2.5 for EDM models."""
+    """Multistep consistency sampling, Song et al. (2023) Alg. 1, on the given levels: at level s_i,
+    x0 = f(x, s_i); the next level starts from x = x0 + sqrt(s_{i+1}^2 - sigma_min^2) z, and the last
+    (0) returns x0. f is `distill.consistency`'s boundary-condition parameterization of the model.
+    Any descending levels work, so SDEdit's truncated grid and RePaint's single steps do too."""
     from .distill.consistency import ConsistencyFunction
 
     f = ConsistencyFunction(denoiser)
-    n = len(sigmas) - 1
-    levels = schedules.karras_sigmas(n + 1, f.sigma_min, float(sigmas[0]))[:-1].float()
     noise = _noise_fn(noise)
-    x0 = x
-    for i in _steps(torch.cat([levels, levels.new_zeros(1)]), progress, "consistency"):
-        s = float(levels[i])
-        if i > 0:
-            x = x0 + math.sqrt(max(s**2 - f.sigma_min**2, 0.0)) * noise(x0)
-        x0 = f(x, levels[i].to(x.device))
+    for i in _steps(sigmas, progress, "consistency"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = f(x, sigmas[i].to(x.device))
         if callback is not None:
             callback(i, s, x, x0)
-    return x0
+        x = x0 + math.sqrt(max(s_next**2 - f.sigma_min**2, 0.0)) * noise(x0) if s_next > 0 else x0
+    return x
 
 
 @dataclass(frozen=True)
@@ -349,6 +344,7 @@ class SamplerSpec:
     stochastic: bool
     summary: str
     default_steps: int | None  # steps when none are given; None = every timestep of a discrete model
+    grid: Callable | None = None  # grid(denoiser, steps) -> its own levels when no spacing is given (students)
 
 
 # Default steps, chosen from the papers' own recommendations and the README's quality-vs-NFE table:
@@ -366,10 +362,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, "karras", 1, False, "Euler on the PF-ODE (Karras et al. 2022, Alg. 1)", 50),
     "heun": SamplerSpec(sample_heun, "karras", 2, False, "Heun (Karras et al. 2022, Alg. 2): NFE = 2*steps-1", 18),
     # Samplers of distilled students (`ddpm distill`): their checkpoints name them as `ddpm sample`'s default.
-    "progressive": SamplerSpec(sample_progressive, "trailing", 1, False,
-                               "DDIM on the nested grid of a progressive student (Salimans & Ho 2022)", 4),
+    # Each runs on its student's own levels unless --spacing is given.
+    "progressive": SamplerSpec(sample_ddim, "trailing", 1, False,
+                               "DDIM on the nested grid of a progressive student (Salimans & Ho 2022)", 4,
+                               nested_sigmas),
     "consistency": SamplerSpec(sample_consistency, "karras", 1, True,
-                               "multistep consistency sampling (Song et al. 2023, Alg. 1)", 1),
+                               "multistep consistency sampling (Song et al. 2023, Alg. 1)", 1, consistency_sigmas),
 }
 
 CONTINUOUS_DEFAULT_STEPS = 50  # ddpm's default on a continuous (EDM) model, which has no T
@@ -445,6 +443,22 @@ def make_sigmas(discrete_sigmas: torch.Tensor | None, steps: int, spacing: str,
     return torch.cat([sig.float(), sig.new_zeros(1).float()])
 
 
+def sampler_sigmas(denoiser, sampler: str, steps: int | None = None, spacing: str | None = None) -> torch.Tensor:
+    """The levels `sampler` runs on for `denoiser`: its own grid (a student's) when it has one and no
+    `spacing` is given, else `make_sigmas` with `spacing` (default: the sampler's; karras on a
+    continuous model). `steps` defaults to `default_steps`."""
+    if sampler not in SAMPLERS:
+        raise DdpmError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    spec = SAMPLERS[sampler]
+    discrete = getattr(denoiser, "discrete_sigmas", None)
+    if steps is None:
+        steps = default_steps(sampler, len(discrete) if discrete is not None else None)
+    if spacing is None and spec.grid is not None:
+        return spec.grid(denoiser, steps)
+    return make_sigmas(discrete, steps, spacing or (spec.spacing if discrete is not None else "karras"),
+                       sigma_min=getattr(denoiser, "sigma_min", None), sigma_max=getattr(denoiser, "sigma_max", None))
+
+
 def sample_seeds(seed: int, indices: Sequence[int]) -> list[int]:
     """Independent 63-bit seeds for samples `indices` of a run seeded with `seed`."""
     return [int(np.random.SeedSequence([seed, int(k)]).generate_state(1, np.uint64)[0] >> 1) for k in indices]
@@ -472,15 +486,7 @@ def run(denoiser, shape: Sequence[int], sampler: str = "ddpm", steps: int | None
     `denoiser` is a diffusion.VPDenoiser / EDMDenoiser (it provides the noise levels and the
     initial noise scale). `steps` defaults to `default_steps(sampler, T)`.
     """
-    if sampler not in SAMPLERS:
-        raise DdpmError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    spec = SAMPLERS[sampler]
-    discrete = getattr(denoiser, "discrete_sigmas", None)
-    if steps is None:
-        steps = default_steps(sampler, len(discrete) if discrete is not None else None)
-    sigmas = make_sigmas(discrete, steps, spacing or (spec.spacing if discrete is not None else "karras"),
-                         sigma_min=getattr(denoiser, "sigma_min", None), sigma_max=getattr(denoiser, "sigma_max", None))
-    sigmas = sigmas.to(device)
+    sigmas = sampler_sigmas(denoiser, sampler, steps, spacing).to(device)
     noise = PerSampleNoise(sample_seeds(seed, range(first_index, first_index + shape[0])))
     x = noise(torch.empty(shape, device=device)) * denoiser.prior_std(float(sigmas[0]))
-    return spec.fn(denoiser, x, sigmas, noise=noise, callback=callback, progress=progress, **options)
+    return SAMPLERS[sampler].fn(denoiser, x, sigmas, noise=noise, callback=callback, progress=progress, **options)
