@@ -1,9 +1,11 @@
 """The backbones: the ADM-style UNet (models/adm.py) beside the seed's UNet, presets, old checkpoints,
 and gradient checkpointing."""
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddpmkit import PRESETS, UNet, build_model, load_model
 from ddpmkit.config import ARCHS, Config, ModelConfig, apply_overrides, from_dict, validate
@@ -171,6 +173,155 @@ def test_model_config_rejects_bad_new_fields():
         validate(apply_overrides(Config(), {"model": {"size": "tiny", "num_res_blocks": 0}}))
     cfg = apply_overrides(Config(), {"model": {"size": "tiny"}, "train": {"grad_checkpoint": "true"}})
     assert cfg.model.arch == "adm" and cfg.train.grad_checkpoint is True
+
+
+# --- the blocks' math, recomputed by hand from each block's own parameters ------------------------
+# Shape and identity-at-init tests pass with AdaGN missing its "1 +" or with dropout moved before
+# the norm; these recompute each block with plain ops (float64) and compare. The reference is ADM's
+# ResBlock with use_scale_shift_norm (Dhariwal & Nichol 2021, §3 and App. A):
+#   h = conv1(SiLU(GN1(x)));  (scale, shift) = Linear(SiLU(emb)).chunk(2)
+#   h = GN2(h) * (1 + scale) + shift;  out = skip(x) + conv2(dropout(SiLU(h)))
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (GroupNorm gains around 1), in float64: no term of a block's formula
+    is 0 or 1 by initialization (ADM zero-initializes conv2 and proj, hiding whatever precedes them)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                gain = isinstance(m, torch.nn.GroupNorm) and name == "weight"
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen) + (1.0 if gain else 0.0))
+    return module.double()
+
+
+def _group_norm(x: torch.Tensor, gn: torch.nn.GroupNorm) -> torch.Tensor:
+    g = x.reshape(x.shape[0], gn.num_groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + gn.eps)
+    return g.reshape(x.shape) * gn.weight[:, None, None] + gn.bias[:, None, None]
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return x @ layer.weight.T + layer.bias
+
+
+def _conv(x: torch.Tensor, conv: torch.nn.Conv2d, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+
+
+def _hand_resblock(block: adm.ResBlock, x: torch.Tensor, silu_emb: torch.Tensor, drop=lambda a: a) -> torch.Tensor:
+    out_ch = block.conv1.out_channels
+    h = _conv(_silu(_group_norm(x, block.norm1)), block.conv1, padding=1)
+    proj = _linear(silu_emb, block.emb)
+    scale, shift = proj[:, :out_ch, None, None], proj[:, out_ch:, None, None]  # scale first, as ADM
+    h = _group_norm(h, block.norm2) * (1 + scale) + shift
+    h = _conv(drop(_silu(h)), block.conv2, padding=1)
+    skip = x if x.shape[1] == out_ch else _conv(x, block.skip)
+    return skip + h
+
+
+def _inputs(in_ch: int, emb_dim: int = 16, side: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, in_ch, side, side, generator=gen, dtype=torch.float64)
+    return x, F.silu(torch.randn(3, emb_dim, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("in_ch,out_ch", [(8, 12), (12, 12)], ids=["1x1-skip", "identity-skip"])
+def test_resblock_matches_adagn_computed_by_hand(in_ch, out_ch):
+    block = _randomize(adm.ResBlock(in_ch, out_ch, emb_dim=16, dropout=0.3)).eval()  # eval: dropout is off
+    assert (block.norm1.num_groups, block.norm2.num_groups) == (norm_groups(in_ch), norm_groups(out_ch)) != (1, 1)
+    x, e = _inputs(in_ch)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, e), _hand_resblock(block, x, e), rtol=1e-5, atol=1e-5)
+
+
+def test_resblock_dropout_acts_on_silu_of_adagn_in_train_mode():
+    """The dropout module sees SiLU(AdaGN(...)) -- nothing earlier, nothing later -- zeroes about p of
+    it and scales the rest by 1/(1-p); conv2 then takes exactly what it returned."""
+    p = 0.5
+    block = _randomize(adm.ResBlock(8, 12, emb_dim=16, dropout=p)).train()
+    seen = []
+    block.drop.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    x, e = _inputs(8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = block(x, e)
+    assert len(seen) == 1, "the block's dropout module did not run exactly once"
+    dropped_in, dropped_out = seen[0]
+    kept = dropped_out != 0
+    assert 0.35 < kept.double().mean() < 0.65, "dropout is not active in train mode"
+    torch.testing.assert_close(dropped_out[kept], dropped_in[kept] / (1 - p))
+
+    def replay(a: torch.Tensor) -> torch.Tensor:
+        torch.testing.assert_close(a, dropped_in, msg="dropout's input is not SiLU(AdaGN(conv1(...)))")
+        return dropped_out
+
+    with torch.no_grad():
+        torch.testing.assert_close(out, _hand_resblock(block, x, e, drop=replay), rtol=1e-5, atol=1e-5)
+
+
+def test_resblock_with_dropout_one_is_skip_plus_conv2_bias():
+    """p = 1 drops the whole SiLU(AdaGN(...)) tensor, so in train mode only the skip path and conv2's
+    bias are left; the same holds however the dropout is written. Dropout before a norm, before the
+    SiLU or after conv2 leaves something else. In eval mode the block is the full formula."""
+    block = _randomize(adm.ResBlock(8, 12, emb_dim=16, dropout=1.0))
+    x, e = _inputs(8)
+    with torch.no_grad():
+        torch.testing.assert_close(block.train()(x, e), _conv(x, block.skip) + block.conv2.bias[:, None, None],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block.eval()(x, e), _hand_resblock(block, x, e), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_multi_head_attention_computed_by_hand():
+    """Channels of the qkv conv: [q | k | v], each split into heads of c/heads consecutive channels
+    (the layout checkpoints hold); softmax(q.k / sqrt(d)) over keys; x + proj(heads concatenated)."""
+    block = _randomize(adm.AttnBlock(12, num_heads=3)).eval()
+    x, _ = _inputs(12, side=4)
+    b, c, hh, ww = x.shape
+    d = c // 3
+    normed = _group_norm(x, block.norm).reshape(b, c, hh * ww)
+    qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], normed) + block.qkv.bias[:, None]
+    q, k, v = qkv.split(c, dim=1)
+    heads = []
+    for i in range(3):
+        part = slice(i * d, (i + 1) * d)
+        weights = torch.softmax(q[:, part].transpose(1, 2) @ k[:, part] / math.sqrt(d), dim=-1)  # (b, query, key)
+        heads.append(v[:, part] @ weights.transpose(1, 2))
+    proj = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], torch.cat(heads, 1)) + block.proj.bias[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x + proj.reshape(x.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_resampling_matches_strided_conv_and_nearest_upsampling_by_hand():
+    down, up = _randomize(adm.Downsample(4), seed=2), _randomize(adm.Upsample(4), seed=3)
+    x, _ = _inputs(4, side=6)
+    with torch.no_grad():
+        half = down(x)
+        assert half.shape[-2:] == (3, 3)
+        torch.testing.assert_close(half, _conv(x, down.conv, stride=2, padding=1))
+        nearest = x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        torch.testing.assert_close(up(x), _conv(nearest, up.conv, padding=1))
+
+
+def test_every_adm_resblock_gets_silu_of_the_time_mlp_output():
+    """ADM's emb_layers are SiLU then Linear on the MLP's output; the network applies the SiLU once."""
+    model = _randomize(build_model(SMALL_ADM, 1)).eval()
+    got = []
+    for m in model.modules():
+        if isinstance(m, adm.ResBlock):
+            m.register_forward_pre_hook(lambda module, args: got.append(args[1]))
+    t = torch.tensor([3, 700])
+    mlp = model.time_mlp
+    want = _silu(_linear(_silu(_linear(unet.timestep_embedding(t, SMALL_ADM.time_dim).double(), mlp[0])), mlp[2]))
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8, dtype=torch.float64), t)
+    assert len(got) == sum(isinstance(m, adm.ResBlock) for m in model.modules())
+    for e in got:
+        torch.testing.assert_close(e, want)
 
 
 # --- why the backbone changed: eps-prediction at high noise (issue 10) -----------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpmkit.cli import main
 from ddpmkit.data import ImageData, epoch_batches, list_images, load_data, load_folder, load_image, num_batches
 from ddpmkit.errors import DdpmError
 
@@ -86,6 +87,25 @@ def test_builtins(name, channels):
 def test_unknown_builtin():
     with pytest.raises(DdpmError, match="unknown built-in"):
         load_data("builtin:cifar", 16)
+
+
+def test_a_file_of_another_kind_names_every_accepted_data_source(tmp_path, capsys):
+    """`--data x.pt` (a regular file that is neither an array nor an IDX file) is refused in one line
+    that lists what --data takes, not just "is not a folder"; through the CLI: exit 2, no traceback,
+    nothing written."""
+    pt = tmp_path / "x.pt"
+    torch.save({"images": torch.zeros(2, 8, 8)}, pt)
+    with pytest.raises(DdpmError) as info:
+        load_data(str(pt), 8)
+    message = str(info.value)
+    assert message.startswith(f"data path {pt} is not a folder") and "\n" not in message
+    for accepted in ("folder of images", ".npy", ".npz", "IDX", "-images-idx3-ubyte", ".gz",
+                     "builtin:digits", "builtin:shapes"):
+        assert accepted in message, (accepted, message)
+    code = main(["train", "--data", str(pt), "--workdir", str(tmp_path / "work"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"ddpm: error: {message}" and "Traceback" not in err
+    assert not (tmp_path / "work").exists()
 
 
 def test_epoch_batches_cover_data_and_resume_mid_epoch():

@@ -30,6 +30,10 @@ from .formats import check_size, is_array_source, read_arrays
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTINS = ("digits", "shapes")
+# What `load_data` accepts, for the error a path of any other kind gets (e.g. `--data x.pt`).
+ACCEPTED = ("pass a folder of images (" + "/".join(e[1:] for e in IMAGE_EXTENSIONS) + ", sub-folders included), "
+            "an .npy or .npz array file, an MNIST-style IDX images file (*-images-idx3-ubyte, optionally .gz) "
+            "or a folder holding one, or " + " | ".join(f"builtin:{b}" for b in BUILTINS))
 # Pillow decoders tried on a file, whatever its extension. Only plain raster formats: a file named
 # x.png that holds e.g. EPS would otherwise be handed to Ghostscript.
 DECODERS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -202,9 +206,9 @@ def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str |
     except (OSError, ValueError):  # e.g. an embedded NUL byte or a name too long
         exists = is_dir = False
     if not exists:
-        raise DdpmError(f"data folder {shown} does not exist; pass --data FOLDER or --data builtin:digits")
+        raise DdpmError(f"data path {shown} does not exist; {ACCEPTED}")
     if not is_dir:
-        raise DdpmError(f"data path {shown} is not a folder; pass a folder of images or --data builtin:digits")
+        raise DdpmError(f"data path {shown} is not a folder or a data file ddpmkit reads; {ACCEPTED}")
     paths = list_images(root, log)
     if not paths:
         raise DdpmError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {shown}; "
