@@ -286,7 +286,7 @@ def test_each_method_end_to_end_then_sample_export_eval(teacher, method, kw, ste
     model, diffusion, cfg = load_model(ckpt)
     assert (cfg.distill.method, cfg.distill.steps, cfg.distill.sampler) == (method, steps, sampler)
     assert cfg.distill.teacher == teacher_ckpt
-    assert (cfg.diffusion.prediction == "v") == (method == "progressive")  # an eps teacher gets a v student
+    assert cfg.diffusion.prediction == "v"  # an eps teacher gets a v student (x0 error not scaled by sigma_max)
     assert main(["sample", "--ckpt", str(ckpt), "-n", "4", "--out", str(tmp_path / "g.png"), "--no-progress",
                  "--device", "cpu"]) == 0
     assert (tmp_path / "g.png").is_file()
@@ -383,6 +383,30 @@ def test_a_resume_in_the_first_stage_still_reads_the_eps_teacher_as_eps(teacher,
     a, b = (torch.load(root / "models" / n / "ckpt.pt", weights_only=True) for n in ("first_straight", "first_resumed"))
     for name in a["model_state_dict"]:
         assert torch.equal(a["model_state_dict"][name], b["model_state_dict"][name]), name
+
+
+def test_a_v_student_learns_from_pairs_of_the_eps_teacher_read_as_eps(teacher, tmp_path):
+    # The one-step student predicts v, but its (noise, image) pairs must be the eps teacher's own
+    # samples; a teacher path given as a pathlib.Path must still give a loadable checkpoint.
+    from pathlib import Path
+
+    root, teacher_ckpt, _ = teacher
+    summary = _distill((root, Path(teacher_ckpt), None), "student", "v_pairs", pairs=8, images=8)
+    assert load_model(summary["ckpt"])[2].diffusion.prediction == "v"
+    pairs = np.load(root / "models" / "v_pairs" / "pairs.npy")
+    model, diffusion, _ = load_model(teacher_ckpt)
+    assert diffusion.prediction == "eps"
+    den = diffusion.denoiser(model.eval())  # as the task reads it: the config's clipping
+    seed = int(np.random.SeedSequence([0, 104729]).generate_state(1)[0] >> 2)
+    expected = make_pairs(tmp_path / "p.npy", 8, (3, 8, 8), den, seed, torch.device("cpu"), lambda *a: None)
+    np.testing.assert_allclose(pairs, expected, rtol=0, atol=1e-5)
+
+
+def test_prediction_option_keeps_or_sets_the_students_parameterization(teacher):
+    summary = _distill(teacher, "consistency", "keep_eps", steps=1, images=8, prediction="eps")
+    assert load_model(summary["ckpt"])[2].diffusion.prediction == "eps"
+    with pytest.raises(DdpmError, match="unknown --prediction 'z'"):
+        _distill(teacher, "student", "bad_prediction", images=8, prediction="z")
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -70,11 +70,33 @@ def start_steps(teacher: Config, steps: int, start: int | None) -> int:
     return start
 
 
-def _run_config(teacher: Config, teacher_path: str, method: str, steps: int, train: dict) -> Config:
-    """A new run's config: the teacher's model, diffusion and data, a fresh [train] and the [distill] record."""
+PREDICTIONS = ("auto", "eps", "x0", "v")
+
+
+def student_prediction(teacher: Config, method: str, prediction: str = "auto") -> str:
+    """What the student network predicts. auto: v for an eps teacher, else the teacher's own.
+
+    An eps network's x0 is (x_VP - s eps) / a with a = 1 / sqrt(1 + sigma^2), so an error in its output
+    reaches x0 multiplied by sigma: 157 at the top of the linear schedule, ~4096 on the cosine one.
+    Few-step students evaluate exactly there; v (x0 = a x_VP - s v) keeps the factor below 1
+    (Salimans & Ho 2022, §4). benchmarks/bench_student_param.py measures eps against v students.
+    """
     d = teacher.diffusion
-    if method == "progressive" and d.objective == "vp" and d.prediction == "eps":
-        d = dataclasses.replace(d, prediction="v")  # Salimans & Ho §4: not eps at few steps
+    if prediction not in PREDICTIONS:
+        raise DdpmError(f"unknown --prediction '{prediction}'; choose one of {', '.join(PREDICTIONS)}")
+    if d.objective != "vp":
+        if prediction not in ("auto", d.prediction):
+            raise DdpmError(f"the teacher is an EDM model (its preconditioning is fixed); drop --prediction {prediction}")
+        return d.prediction
+    if prediction == "auto":
+        return "v" if d.prediction == "eps" else d.prediction
+    return prediction
+
+
+def _run_config(teacher: Config, teacher_path: str, method: str, steps: int, train: dict,
+                prediction: str = "auto") -> Config:
+    """A new run's config: the teacher's model, diffusion and data, a fresh [train] and the [distill] record."""
+    d = dataclasses.replace(teacher.diffusion, prediction=student_prediction(teacher, method, prediction))
     # Constant LR, as before the new-run recipe made the teacher's cosine: a distillation's length
     # is set by its stages and --images, not by the teacher's --epochs.
     t = dataclasses.replace(teacher.train, epochs=0, warmup_steps=0, lr_schedule="constant", sample_every_epochs=0,
@@ -105,22 +127,24 @@ def _task(method: str, teacher_path: str, teacher_cfg: Config, teacher_state: di
     if method == "student":
         n = int(ckpt["task_state"]["pairs"]) if ckpt and "task_state" in ckpt else (pairs or 2000)
         path = Path(cfg.train.workdir) / "models" / cfg.train.run_name / "pairs.npy"
-        return tasks.StudentTask(teacher_path, teacher_state, budget, n, path, log)
+        return tasks.StudentTask(teacher_path, teacher_state, budget, n, path, teacher_cfg, log)
     return tasks.ConsistencyTask(teacher_path, teacher_state, budget, log)
 
 
 def distill(teacher: str, method: str, run_name: str, steps: int | None = None, images: int | None = None,
             batch_size: int | None = None, lr: float | None = None, device: str | None = None, workdir: str = ".",
-            pairs: int | None = None, start_steps_: int | None = None, log: Callable = print,
-            progress: bool = True) -> dict:
+            pairs: int | None = None, start_steps_: int | None = None, prediction: str = "auto",
+            log: Callable = print, progress: bool = True) -> dict:
     """Distil `teacher` (a ckpt.pt) into WORKDIR/models/RUN_NAME/ckpt.pt with `method`; resumes a run that exists.
 
     images: training images per halving stage (progressive) or in all (student, consistency);
-    pairs: teacher samples the student method trains on; start_steps_: progressive's first teacher steps.
+    pairs: teacher samples the student method trains on; start_steps_: progressive's first teacher steps;
+    prediction: the student's parameterization (`student_prediction`; a resumed run keeps its own).
     """
     from ..runlock import RunLock
     from ..train import RunPaths, train
 
+    teacher = str(teacher)  # a pathlib.Path in the stored config would make the student's checkpoint unloadable
     if method not in METHODS:
         raise DdpmError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     steps = steps or DEFAULT_STEPS[method]
@@ -130,7 +154,7 @@ def distill(teacher: str, method: str, run_name: str, steps: int | None = None, 
     start = start_steps(teacher_cfg, steps, start_steps_) if method == "progressive" else None
     given = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("device", device)) if v is not None}
     cfg = _run_config(teacher_cfg, teacher, method, steps, {"run_name": run_name, "workdir": workdir,
-                                                             "lr": 1e-4, **given})
+                                                             "lr": 1e-4, **given}, prediction)
     path = RunPaths.of(cfg).ckpt
     with RunLock(path.parent, run_name):
         ckpt = None

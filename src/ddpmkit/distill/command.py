@@ -12,7 +12,7 @@ DISTILL_EXAMPLES = """examples:
 
 
 def add_parser(sub, positive_int, add_run_options) -> None:
-    from . import DEFAULT_IMAGES, DEFAULT_STEPS, METHODS
+    from . import DEFAULT_IMAGES, DEFAULT_STEPS, METHODS, PREDICTIONS
 
     p = sub.add_parser("distill", help="distil a trained model into a few-step student",
                        epilog=DISTILL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,6 +33,9 @@ def add_parser(sub, positive_int, add_run_options) -> None:
                    "(DPM-Solver++(2M), 20 steps; default 2000)")
     p.add_argument("--start-steps", type=positive_int, default=None, help="progressive: the teacher's DDIM "
                    "steps to halve from (default: the largest --steps * 2^k up to 64 and the teacher's T)")
+    p.add_argument("--prediction", default="auto", choices=PREDICTIONS, help="what the student network "
+                   "predicts (default auto: v for an eps teacher, whose error at the top noise level would reach x0 "
+                   "multiplied by sigma_max, else the teacher's own)")
     add_run_options(p, "teacher", "1e-4")
 
 
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = distill(args.teacher, args.method, args.run_name, steps=args.steps, images=args.images,
                       batch_size=args.batch_size, lr=args.lr, device=args.device, workdir=args.workdir,
-                      pairs=args.pairs, start_steps_=args.start_steps, progress=not args.no_progress)
+                      pairs=args.pairs, start_steps_=args.start_steps, prediction=args.prediction,
+                      progress=not args.no_progress)
     if summary["status"] == "finished":
         print(f"done: {summary['step']} steps; student checkpoint {summary['ckpt']}")
     return 0

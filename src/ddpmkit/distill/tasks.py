@@ -151,16 +151,18 @@ class StudentTask(DistillTask):
 
     method = "student"
 
-    def __init__(self, teacher_path, teacher_state, budget, pairs: int, pairs_path: Path, log=print):
+    def __init__(self, teacher_path, teacher_state, budget, pairs: int, pairs_path: Path, teacher_cfg: Config,
+                 log=print):
         super().__init__(teacher_path, teacher_state, budget, log)
-        self.pairs, self.pairs_path = pairs, pairs_path
+        self.pairs, self.pairs_path, self.teacher_cfg = pairs, pairs_path, teacher_cfg
 
     def data(self, cfg, log):
         if self._data is None:
             from ..train import resolve_device
 
             device = resolve_device(cfg.train.device)
-            model, diffusion = model_from_config(cfg, device)
+            # The pairs come from the teacher read with its own config (the student may predict v instead of eps).
+            model, diffusion = model_from_config(dataclasses.replace(cfg, diffusion=self.teacher_cfg.diffusion), device)
             load_state(model, self.teacher_state, self.teacher_path, "teacher")
             denoiser = diffusion.denoiser(model.eval())
             channels = cfg.data.channels or 3
