@@ -1,8 +1,11 @@
 """Class-conditional training, classifier-free guidance, inpainting and SDEdit (issue 13)."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import ddpmkit.train as train_module
 from ddpmkit import load_model
@@ -11,7 +14,9 @@ from ddpmkit.config import ModelConfig, from_dict
 from ddpmkit.data import ImageData, epoch_batches, epoch_labels, load_data, load_folder
 from ddpmkit.diffusion import Diffusion
 from ddpmkit.errors import DdpmError
-from ddpmkit.guidance import GuidedDenoiser, LabelledNet, build_denoiser, generate, start_sigma
+from ddpmkit.guidance import (GuidedDenoiser, InpaintDenoiser, LabelledNet, build_denoiser, generate, rescale,
+                              start_sigma)
+from ddpmkit.guidance import sampling as guided_sampling
 from ddpmkit.models import ADMUNet, UNet, build_model
 from ddpmkit.train import prepare, train
 
@@ -61,6 +66,49 @@ def test_guidance_weight_one_is_conditional_and_zero_is_null_exactly(net):
     # Lin et al. (2024) rescale with phi = 1: the guided estimate takes the conditional one's std.
     resc = build_denoiser(d, net, y, guidance=4.0, rescale_phi=1.0, clip=False)(x, sigma)
     torch.testing.assert_close(resc.flatten(1).std(1), cond.flatten(1).std(1), rtol=1e-4, atol=1e-5)
+    # phi = 0.5: the average of that rescaled estimate and the plain guided one (their Eq. 16).
+    guided4 = null + 4.0 * (cond - null)
+    half = build_denoiser(d, net, y, guidance=4.0, rescale_phi=0.5, clip=False)(x, sigma)
+    torch.testing.assert_close(half, (_std_matched(guided4, cond) + guided4) / 2, rtol=1e-4, atol=1e-5)
+
+
+def _std_matched(guided, cond):
+    """Lin et al. (2024) Eq. 15 written out: guided * std(cond) / std(guided), std over each row's pixels."""
+    std = lambda t: t.flatten(1).std(1).view(-1, *[1] * (t.dim() - 1))
+    return guided * std(cond) / std(guided)
+
+
+def test_rescale_closed_form():
+    """Lin et al. (2024) Eqs. 15-16 on x0 estimates: phi = 1 gives the conditional std exactly, phi = 0.5
+    the mean of the rescaled and the guided estimate, phi = 0 the guided one untouched."""
+    g = torch.Generator().manual_seed(0)
+    guided = torch.randn(3, 2, 8, 8, generator=g) * torch.tensor([3.0, 0.5, 1.7]).view(3, 1, 1, 1) + 0.4
+    cond = torch.randn(3, 2, 8, 8, generator=g) * torch.tensor([0.8, 1.2, 0.3]).view(3, 1, 1, 1) - 0.1
+    torch.testing.assert_close(rescale(guided, cond, 1.0).flatten(1).std(1), cond.flatten(1).std(1))
+    torch.testing.assert_close(rescale(guided, cond, 0.5), 0.5 * _std_matched(guided, cond) + 0.5 * guided)
+    torch.testing.assert_close(rescale(guided, cond, 0.25), 0.25 * _std_matched(guided, cond) + 0.75 * guided)
+    assert torch.equal(rescale(guided, cond, 0.0), guided)
+
+
+def test_guided_variance_path_matches_the_plain_path():
+    """return_variance=True (a learned-variance model, Improved DDPM): the same x0 as the plain call, and
+    the conditional model's variance (the null model's at w = 0) at the x and sigma it was given."""
+    torch.manual_seed(0)
+    net = _jiggle(ADMUNet(c_in=1, c_out=2, time_dim=32, base_channels=16, channel_mults=(1, 2), attn_levels=(),
+                          num_res_blocks=1, num_classes=3))
+    d = Diffusion(img_size=8, channels=1, noise_steps=50, learn_sigma=True)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    variances = []
+    for w, phi in ((1.0, 0.0), (0.0, 0.0), (2.5, 0.0), (2.5, 0.5)):
+        den = build_denoiser(d, net, y, guidance=w, rescale_phi=phi, clip=False)
+        plain = d.denoiser(LabelledNet(net, y if w else torch.full_like(y, 3)))
+        plain.clip_denoised = False
+        for sigma in (torch.tensor(0.5), torch.tensor(3.0)):
+            x0, var = den(x, sigma, return_variance=True)
+            torch.testing.assert_close(x0, den(x, sigma), rtol=0, atol=1e-6)
+            torch.testing.assert_close(var, plain(x, sigma, return_variance=True)[1], rtol=1e-5, atol=1e-6)
+            variances.append(var)
+    assert not torch.allclose(variances[0], variances[1])  # sigma matters, so passing it on is checked
 
 
 def test_guidance_interval_guides_inside_and_is_conditional_outside():
@@ -210,6 +258,35 @@ def _png(path, arr, mode="L"):
     return str(path)
 
 
+def test_inpainting_sampler_keeps_known_pixels_before_the_paste(checkpoints, monkeypatch):
+    """The sampler's own output (before generate's final paste) already holds the known pixels: the
+    replacement acts inside the sampling, not only at the end. RePaint's resampling changes the result."""
+    seen = {}
+    real_paste = InpaintDenoiser.paste
+
+    def paste(self, x0):  # the last call is generate's final paste of the sampler's output
+        seen["x"] = x0.clone()
+        return real_paste(self, x0)
+
+    monkeypatch.setattr(InpaintDenoiser, "paste", paste)
+    known = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1  # generate the right half
+    for ckpt in checkpoints:
+        model, diffusion, _ = load_model(ckpt)
+        labels = torch.tensor([1]) if ckpt.parent.name == "c" else None
+        for sampler in ("euler", "ddpm"):
+            out = {}
+            for resample in (1, 2):
+                out[resample] = generate(diffusion, model, 3, labels=labels, known=known, mask=mask, sampler=sampler,
+                                         steps=6, seed=5, resample=resample)
+                raw = seen.pop("x")
+                assert (raw[..., :4] - known[..., :4]).abs().max() < 1e-4, (ckpt, sampler, resample)
+                assert (raw[..., 4:] - known[..., 4:]).abs().max() > 0.1  # the masked half was generated
+                assert torch.equal(out[resample][..., :4], known[..., :4].expand(3, 1, 8, 4))
+            assert not torch.allclose(out[1][..., 4:], out[2][..., 4:], atol=1e-3), (ckpt, sampler)
+
+
 def test_inpainting_keeps_known_pixels(checkpoints, tmp_path):
     rng = np.random.default_rng(1)
     known = rng.integers(0, 256, (8, 8)).astype(np.uint8)
@@ -244,6 +321,52 @@ def test_sdedit_strength_zero_returns_image_and_one_is_a_sample(checkpoints):
     den = diffusion.denoiser(model)
     sig = [start_sigma(den, s, den.sigma_max) for s in (0.05, 0.3, 0.7, 1.0)]
     assert sig == sorted(sig) and sig[-1] == pytest.approx(den.sigma_max, rel=1e-6)
+
+
+class _FirstCall(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """A denoiser that records the (x, sigma) of its first call and stops the sampler there."""
+
+    def __init__(self, base: nn.Module, seen: list):
+        super().__init__()
+        self.base, self.seen = base, seen
+        for name in ("discrete_sigmas", "sigma_min", "sigma_max"):
+            setattr(self, name, getattr(base, name))
+
+    def prior_std(self, sigma_max: float) -> float:
+        return self.base.prior_std(sigma_max)
+
+    def forward(self, x, sigma, return_variance=False):
+        self.seen.append((x.clone(), float(torch.as_tensor(sigma).reshape(-1)[0])))
+        raise _FirstCall
+
+
+def test_sdedit_noises_the_image_to_the_schedules_sigma_at_s_t(checkpoints, monkeypatch):
+    """SDEdit (Meng et al. 2022, Eq. 3, VE form): the sampler starts from x = init + sigma(t0) z with
+    t0 = S T; sigma(t0) = sqrt((1 - abar) / abar), abar the cosine schedule's (Nichol & Dhariwal 2021,
+    Eq. 17) at t0, computed here from its formula; std(x - init) = sigma(t0) and mean(x - init) = 0."""
+    model, diffusion, _ = load_model(checkpoints[0])  # cosine schedule, T = 100
+    T, s = diffusion.noise_steps, 0.008
+    seen = []
+    real = guided_sampling.build_denoiser
+    monkeypatch.setattr(guided_sampling, "build_denoiser", lambda *a, **k: _Recorder(real(*a, **k), seen))
+    init = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for strength, sampler in ((0.3, "ddim"), (0.5, "euler"), (0.8, "ddpm")):
+        abar = f(strength * T) / f(0)
+        sigma = math.sqrt((1 - abar) / abar)
+        with pytest.raises(_FirstCall):
+            generate(diffusion, model, 512, init=init, strength=strength, sampler=sampler, steps=10, seed=3)
+        x, first_sigma = seen.pop()
+        assert first_sigma == pytest.approx(sigma, rel=1e-5), strength
+        den = diffusion.denoiser(model)
+        assert start_sigma(den, strength, den.sigma_max) == pytest.approx(sigma, rel=1e-5)
+        d = (x - init).double()  # 512 x 64 draws: the std is within 1% of sigma with near certainty
+        assert d.std().item() == pytest.approx(sigma, rel=0.02), strength
+        assert abs(d.mean().item()) < 0.02 * sigma, strength
 
 
 def _error(capsys, argv):

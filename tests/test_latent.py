@@ -10,6 +10,8 @@ import ddpmkit.train as train_module
 from ddpmkit import latent, samplers, scoring
 from ddpmkit.cli import main
 from ddpmkit.config import Config, apply_overrides, validate
+from ddpmkit.data import to_model_range
+from ddpmkit.guidance import InpaintDenoiser, build_denoiser, generate
 from ddpmkit.loading import load_model
 from ddpmkit.models.autoencoder import AutoencoderKL, kl_standard_normal
 
@@ -129,7 +131,12 @@ def test_latent_checkpoint_samples_after_the_autoencoder_file_is_deleted(blobs, 
                  "--run-name", "ldm", *LDM_FLAGS]) == 0
     ckpt = str(tmp_path / "models/ldm/ckpt.pt")
     ae, _ = latent.load_autoencoder(ae_path)
+    # LDM's scale factor, measured here on the training data: 1 / std of all posterior-mean elements.
+    with torch.no_grad():
+        measured = 1.0 / ae.encode(to_model_range(torch.from_numpy(np.load(blobs))))[0].double().std().item()
+    assert torch.load(ckpt, weights_only=True)["task_state"]["scale_factor"] == pytest.approx(measured, rel=1e-5)
     model, diffusion, cfg = load_model(ckpt)
+    assert diffusion.scale_factor == pytest.approx(measured, rel=1e-5) and abs(measured - 1) > 0.1
     z = samplers.run(diffusion.denoiser(model), (3, 2, 4, 4), "ddim", 5, seed=1, first_index=0)
     expected = ae.decode(z / diffusion.scale_factor).clamp(-1, 1)
     ae_path.unlink()
@@ -139,6 +146,7 @@ def test_latent_checkpoint_samples_after_the_autoencoder_file_is_deleted(blobs, 
     assert main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp/autoencoder.safetensors").is_file()
     model, diffusion, _ = load_model(tmp_path / "exp")
+    assert diffusion.scale_factor == pytest.approx(measured, rel=1e-5)
     assert torch.allclose(diffusion.generate(model, 3, sampler="ddim", steps=5, seed=1, progress=False), expected,
                           atol=1e-5)
     assert main(["sample", "--ckpt", ckpt, "-n", "2", "--steps", "3", "--sampler", "ddim", "--no-progress",
@@ -165,6 +173,72 @@ def test_latent_checkpoint_samples_after_the_autoencoder_file_is_deleted(blobs, 
     assert main(["eval", "--ckpt", ckpt, "--ref", str(blobs), "-n", "4", "--steps", "2", "--extractor", "randconv",
                  "--no-progress"]) == 0
     assert shapes and set(shapes) == {(3, 8, 8)}  # eval scores decoded images, not (2, 4, 4) latents
+
+
+def test_latent_inpainting_and_edit_encode_the_guide_and_decode_the_result(blobs, tmp_path, monkeypatch):
+    """Inpainting and SDEdit of a latent model, as LDM (Rombach et al. 2022): the guide image encoded
+    (scale_factor * E(x)), the mask on the latent grid (a cell is generated when any of its pixels is),
+    sampling on the latents, the result decoded; the known pixels within the reconstruction error."""
+    assert train_ae(blobs, tmp_path, "--epochs", "20", "--lr", "1e-2", "--ema-decay", "0", "--sample-every", "0") == 0
+    assert main(["train", "--autoencoder", str(tmp_path / "models/ae/ckpt.pt"), "--data", str(blobs),
+                 "--workdir", str(tmp_path), "--run-name", "ldm", *LDM_FLAGS]) == 0
+    ckpt = str(tmp_path / "models/ldm/ckpt.pt")
+    model, diffusion, _ = load_model(ckpt)
+    pixels = np.load(blobs)[:1]
+    guide = to_model_range(torch.from_numpy(pixels))  # (1, 3, 8, 8): latents are (2, 4, 4), f = 2
+    one = torch.zeros(1, 1, 8, 8)
+    one[..., 5, 2] = 1
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[..., 2, 1] = 1  # the cell of pixel (5, 2): only it
+    assert torch.equal(diffusion.latent_mask(one), expected)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 3:] = 1  # generate columns 3-7: column 3 shares latent column 1 with the known column 2
+    cells = diffusion.latent_mask(mask)
+    assert torch.equal(cells[0, 0, 0], torch.tensor([0.0, 1, 1, 1]))
+
+    assert diffusion.clip_denoised and not build_denoiser(diffusion, model).clip_denoised  # latents are not in [-1, 1]
+    ae, scale = diffusion.autoencoder, diffusion.scale_factor
+    decode = lambda z: ae.decode(z / scale).clamp(-1, 1)
+    with torch.no_grad():
+        z_guide = ae.encode(guide)[0] * scale  # LDM: z = scale_factor * E(x), posterior mean
+    seen, to_images, pasted, paste = [], diffusion.to_images, [], InpaintDenoiser.paste
+    monkeypatch.setattr(diffusion, "to_images", lambda z: seen.append(z.clone()) or to_images(z))
+    monkeypatch.setattr(InpaintDenoiser, "paste", lambda self, x0: pasted.append(x0.clone()) or paste(self, x0))
+    out = generate(diffusion, model, 3, known=guide, mask=mask, sampler="ddim", steps=5, seed=0)
+    z = torch.cat(seen)
+    assert z.shape == (3, 2, 4, 4) and out.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(z[..., :1], z_guide[..., :1].expand(3, 2, 4, 1), rtol=0, atol=1e-6)  # known cells
+    # ... and so already before generate's last paste (whose input is the sampler's own output).
+    torch.testing.assert_close(pasted[-1][..., :1], z_guide[..., :1].expand(3, 2, 4, 1), rtol=0, atol=1e-5)
+    assert (z[..., 1:] - z_guide[..., 1:]).abs().amax((1, 2, 3)).min() > 0.1  # generated cells
+    torch.testing.assert_close(out[..., 3:], decode(z)[..., 3:], rtol=0, atol=1e-6)  # the decoded result
+    keep = (mask == 0).expand_as(out)
+    recon_error = (ae(guide)[0].clamp(-1, 1) - guide).abs()[keep[:1]].mean().item()  # through E, then D
+    for image in out:
+        assert (image - guide[0]).abs()[keep[0]].mean().item() <= recon_error + 1e-6
+
+    from ddpmkit.errors import DdpmError
+    with pytest.raises(DdpmError, match=r"needs \(1, 3, 8, 8\) at its image size"):
+        generate(diffusion, model, 1, known=z_guide, mask=mask)  # latents are not what it takes
+    with pytest.raises(DdpmError, match="give both"):
+        generate(diffusion, model, 1, known=guide)
+
+    # The command line: both read the guide at the image size (not the latent's) and write decoded images.
+    from PIL import Image
+    Image.fromarray(pixels[0]).save(tmp_path / "guide.png")
+    Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    assert main(["sample", "--ckpt", ckpt, "--inpaint", str(tmp_path / "guide.png"), "--mask",
+                 str(tmp_path / "mask.png"), "-n", "2", "--steps", "3", "--sampler", "ddim", "--no-progress",
+                 "--device", "cpu", "--out-dir", str(tmp_path / "inpainted")]) == 0
+    for f in sorted((tmp_path / "inpainted").glob("*.png")):
+        got = np.asarray(Image.open(f).convert("RGB"), np.int16)
+        assert got.shape == (8, 8, 3) and np.abs(got[:, :3] - pixels[0, :, :3]).max() <= 1
+    # SDEdit: at a small strength the edit is the guide's reconstruction through the autoencoder.
+    edited = generate(diffusion, model, 2, init=guide, strength=0.05, sampler="ddim", steps=20, seed=0)
+    assert (edited - decode(z_guide)).abs().mean() < 0.3 * recon_error
+    assert main(["edit", "--ckpt", ckpt, "--init", str(tmp_path / "guide.png"), "--strength", "0.5",
+                 "--native-size", "--out", str(tmp_path / "edited.png"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "edited.png").size == (8, 8)
 
 
 def error_line(capsys):

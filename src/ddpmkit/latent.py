@@ -282,7 +282,8 @@ def _check_match(a: Config, cfg: Config, channels: int, path: str) -> None:
 
 class LatentDiffusion(Diffusion):
     """A Diffusion on the latents whose `generate` (and so `sample`) returns decoded images:
-    x = D(z / scale_factor), clamped to [-1, 1]. Its x0 estimates are not clipped by default."""
+    x = D(z / scale_factor), clamped to [-1, 1]. Its x0 estimates are not clipped by default.
+    `to_latents` / `latent_mask` bring guide images and masks (inpainting, SDEdit) to the latents."""
 
     def __init__(self, base: Diffusion, autoencoder: AutoencoderKL, scale_factor: float):
         super().__init__(base.config, img_size=base.img_size, channels=base.channels, device=base.device)
@@ -294,8 +295,32 @@ class LatentDiffusion(Diffusion):
         latents do not live in [-1, 1], so diffusion.clip_denoised does not apply to them."""
         return super().denoiser(model, bf16, bool(clip))
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the decoded images (the diffusion's own `channels` are the latent's)."""
+        return self.autoencoder.channels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded images: the latent's side times the autoencoder's downsampling f."""
+        return self.img_size * self.autoencoder.downsample
+
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(x / self.scale_factor).clamp(-1, 1)
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the scaled latents the diffusion works on: scale_factor * E(x), E the
+        posterior mean, as the training latents (LDM Sec. 4.3.2: z = scale_factor * E(x)); the inverse
+        of `to_images` up to the autoencoder's reconstruction error."""
+        return self.autoencoder.encode(images.to(self.device, torch.float32))[0] * self.scale_factor
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A (B, 1 or C, H, W) inpainting mask (1 = generate) as (B, 1, H/f, W/f) on the latent grid: a
+        latent cell is generated when ANY of its f x f pixels (in any channel) is, by max-pooling, so
+        every pixel asked for is generated; the known pixels of a partly generated cell are regenerated too."""
+        f = self.autoencoder.downsample
+        mask = mask.to(self.device, torch.float32).amax(1, keepdim=True)
+        return torch.nn.functional.max_pool2d(mask, f, f)
 
 
 def attach_decoder(diffusion: Diffusion, cfg: Config, ae_state: dict[str, torch.Tensor] | None,
@@ -321,7 +346,7 @@ class LatentTask(Task):
 
     def data(self, cfg: Config, log: Callable) -> LatentData:
         path = cfg.autoencoder.path
-        if cfg.train.class_cond:  # guidance/ samples and edits in pixel space; not wired to the decoder yet
+        if cfg.train.class_cond:  # labels are not wired through the latent batches and grids (untested)
             raise DdpmError("class-conditional latent diffusion is not supported yet; drop --class-cond or "
                             "--autoencoder")
         self.device = _device_of(cfg)

@@ -84,18 +84,18 @@ def sample(args, model, diffusion, cfg, options: dict, out: Path | None) -> int:
     from ..images import READABLE_WIDTH, save_each, save_images
     from .grid import class_rows, save_labelled_grid
     from .inputs import class_names, load_guide, load_mask, parse_class
-    from .sampling import generate
+    from .sampling import generate, image_shape
 
     _check_guidance(args, cfg.model)
     if args.trajectory:
         raise DdpmError("--trajectory is not available with --class, --inpaint or a class-conditional model")
     if bool(args.inpaint) != bool(args.mask):
         raise DdpmError("--inpaint IMAGE and --mask MASK go together; give both")
-    size, k = cfg.data.image_size, cfg.model.num_classes
+    (channels, size), k = image_shape(diffusion), cfg.model.num_classes  # a latent model's decoded images
     known = mask = None
     if args.inpaint:
         mask = load_mask(args.mask, size)
-        known = load_guide(args.inpaint, size, diffusion.channels, "--inpaint image", exact=True)
+        known = load_guide(args.inpaint, size, channels, "--inpaint image", exact=True)
     labels, n, per_class = None, args.n, None
     if args.klass is not None:
         labels = torch.tensor([parse_class(args.klass, cfg.model)])
@@ -127,7 +127,7 @@ def edit(args, load) -> int:
     """`ddpm edit`; `load(path, device, ema)` returns (model, diffusion, cfg)."""
     from ..images import READABLE_WIDTH, save_images
     from .inputs import check_strength, load_guide, parse_class
-    from .sampling import generate
+    from .sampling import generate, image_shape
 
     strength = check_strength(args.strength)
     if args.n < 1:
@@ -136,7 +136,8 @@ def edit(args, load) -> int:
         raise DdpmError(f"--out {args.out} must end in .png, .jpg, .webp or .bmp")
     model, diffusion, cfg = load(args.ckpt, args.device, not args.no_ema)
     _check_guidance(args, cfg.model)
-    init = load_guide(args.init, cfg.data.image_size, diffusion.channels, "--init image", exact=False)
+    channels, size = image_shape(diffusion)  # a latent model's decoded images, which generate encodes
+    init = load_guide(args.init, size, channels, "--init image", exact=False)
     labels = None if args.klass is None else torch.tensor([parse_class(args.klass, cfg.model)])
     images = generate(diffusion, model, args.n, labels=labels, guidance=args.guidance, rescale_phi=args.rescale,
                       interval=args.guidance_interval,
