@@ -8,7 +8,7 @@ from PIL import Image
 from torch import nn
 
 import ddpmkit.train as train_module
-from ddpmkit import load_model
+from ddpmkit import load_model, samplers
 from ddpmkit.cli import main
 from ddpmkit.config import ModelConfig, from_dict
 from ddpmkit.data import ImageData, epoch_batches, epoch_labels, load_data, load_folder
@@ -432,3 +432,23 @@ def test_export_keeps_the_classes(checkpoints, tmp_path, capsys):
     assert cfg.model.class_names == ("bottom", "top") and model.num_classes == 2
     assert main(["sample", "--model", str(folder), "--class", "top", "-n", "2", "--steps", "2", "--sampler", "ddim",
                  "--out", str(tmp_path / "s.png"), "--no-progress", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp"])
+def test_wrappers_keep_what_the_consistency_sampler_reads(kind):
+    # The consistency function's c_skip / c_out use the base model's sigma_data (0.5 for EDM): a
+    # wrapper that generates every pixel (mask 1) or guides nothing must sample exactly as its base.
+    d = Diffusion(img_size=4, channels=1, objective="edm") if kind == "edm" else \
+        Diffusion(img_size=4, channels=1, timesteps=100, prediction="v")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    base = d.denoiser(lambda x, t, y=None: net(x))
+    x = torch.randn(2, 1, 4, 4) * 20
+    sigmas = samplers.sampler_sigmas(base, "consistency", 2)
+    run = lambda den: samplers.SAMPLERS["consistency"].fn(den, x, sigmas, noise=lambda v: torch.ones_like(v))
+    ref = run(base)
+    inpaint = InpaintDenoiser(base, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 1, 1))
+    guided = GuidedDenoiser(base, LabelledNet(lambda x, t, y=None: net(x)), null=0)
+    for wrapped in (inpaint, guided):
+        assert getattr(wrapped, "sigma_data", None) == getattr(base, "sigma_data", None)
+        torch.testing.assert_close(run(wrapped), ref, rtol=1e-5, atol=1e-5)

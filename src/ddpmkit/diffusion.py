@@ -63,6 +63,23 @@ def _run(net: nn.Module, x: torch.Tensor, t: torch.Tensor, autocast_dtype: torch
         return net(x, t).float()
 
 
+class DenoiserWrapper(nn.Module):
+    """A denoiser built around another (guidance, inpainting): what samplers and the consistency
+    function read besides the call (noise levels, sigma_data, the prior's std) is the base's."""
+
+    SAMPLER_ATTRIBUTES = ("discrete_sigmas", "sigma_min", "sigma_max", "sigma_data", "learned_variance")
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        for name in self.SAMPLER_ATTRIBUTES:
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+
+    def prior_std(self, sigma_max: float) -> float:
+        return self.base.prior_std(sigma_max)
+
+
 class EDMDenoiser(nn.Module):
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the preconditioning of Karras et al. (2022), Table 1.
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diffusion import DenoiserWrapper
+
 
 class LabelledNet(nn.Module):
     """net(x, t) -> net(x, t, labels): the diffusion wrappers call a network with (x, t) only, so
@@ -48,7 +50,7 @@ def rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tenso
     return phi * rescaled + (1 - phi) * guided
 
 
-class GuidedDenoiser(nn.Module):
+class GuidedDenoiser(DenoiserWrapper):
     """D(x, sigma) of a class-conditional model, guided toward `labels` with weight `guidance`.
 
     `base` is a diffusion.VPDenoiser / EDMDenoiser built around `binding` (a LabelledNet) without
@@ -64,16 +66,10 @@ class GuidedDenoiser(nn.Module):
     def __init__(self, base: nn.Module, binding: LabelledNet, null: int, labels: torch.Tensor | None = None,
                  guidance: float = 1.0, rescale_phi: float = 0.0, clip: bool = False,
                  interval: tuple[float, float] | None = None):
-        super().__init__()
-        self.base, self.binding, self.null = base, binding, null
+        super().__init__(base)
+        self.binding, self.null = binding, null
         self.labels, self.guidance, self.rescale_phi, self.clip = labels, float(guidance), rescale_phi, clip
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
-        for name in ("discrete_sigmas", "sigma_min", "sigma_max", "learned_variance"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
-
-    def prior_std(self, sigma_max: float) -> float:
-        return self.base.prior_std(sigma_max)
 
     def _labels(self, n: int, device: torch.device) -> torch.Tensor:
         if self.labels is None:

@@ -24,21 +24,17 @@ import math
 import torch
 from torch import nn
 
+from ..diffusion import DenoiserWrapper
 
-class InpaintDenoiser(nn.Module):
+
+class InpaintDenoiser(DenoiserWrapper):
     """D'(x, sigma) = mask * D(x, sigma) + (1 - mask) * known; mask 1 = generate, 0 = keep `known`.
 
     `known` and `mask` are (B, C, H, W) / (B, 1, H, W) (or broadcastable) in model space [-1, 1]."""
 
     def __init__(self, base: nn.Module, known: torch.Tensor, mask: torch.Tensor):
-        super().__init__()
-        self.base, self.known, self.mask = base, known, mask
-        for name in ("discrete_sigmas", "sigma_min", "sigma_max", "learned_variance"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
-
-    def prior_std(self, sigma_max: float) -> float:
-        return self.base.prior_std(sigma_max)
+        super().__init__(base)
+        self.known, self.mask = known, mask
 
     def paste(self, x0: torch.Tensor) -> torch.Tensor:
         mask = self.mask.to(x0.device, x0.dtype)
