@@ -1,7 +1,7 @@
 """Smaller and faster models: structural pruning (`ddpm prune`) and int8 quantization (`ddpm quantize`).
 
-prune.py: Torch-Pruning with Diff-Pruning's timestep-aware Taylor importance, then a fine-tune on
-the ordinary trainer (a `tasks.Task`). quantize.py: ONNX Runtime static int8 quantization,
+prune.py: Torch-Pruning with Diff-Pruning's timestep-aware Taylor importance of the eps error, then a
+fine-tune on the ordinary trainer (a `tasks.Task`). quantize.py: ONNX Runtime static int8 quantization,
 calibrated on the model's own sampling trajectories. Both need the optional extra
 `pip install -e .[compress]`; `require` says so in one line when it is missing.
 """

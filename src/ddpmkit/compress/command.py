@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+# Every line here and every `ddpm ...` quoted in the descriptions must parse (tests/test_compress.py checks).
 EXAMPLES = """examples:
   ddpm prune --ckpt models/digits/ckpt.pt --ratio 0.5 --run-name digits_p50
   ddpm quantize --ckpt models/digits_p50/ckpt.pt --out models/digits_p50_int8
-  ddpm sample --model models/digits_p50_int8 --n 16
+  ddpm sample --model models/digits_p50_int8 -n 16
+  ddpm eval --ckpt models/digits_p50_int8 --ref builtin:digits -n 2000
 """
 
 
@@ -15,7 +17,8 @@ def add_parsers(sub, positive_int, add_run_options) -> None:
     p = sub.add_parser("prune", help="prune a trained model's channels, then fine-tune it", epilog=EXAMPLES,
                        formatter_class=fmt,
                        description="Structural pruning with Torch-Pruning and Diff-Pruning's timestep-aware Taylor "
-                       "importance (Fang et al. 2023); attention heads stay whole, the output conv keeps its outputs. "
+                       "importance of the noise-prediction error (Fang et al. 2023), whatever the model predicts; "
+                       "attention heads stay whole, the output conv keeps its outputs. "
                        "The fine-tune is a training run (resume, SIGTERM saves, EMA) writing WORKDIR/models/RUN/ckpt.pt; "
                        "the same command again resumes. Needs `pip install -e .[compress]`.")
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint of the model to prune")
@@ -28,7 +31,8 @@ def add_parsers(sub, positive_int, add_run_options) -> None:
                        formatter_class=fmt,
                        description="Static int8 quantization calibrated on (x_t, t) pairs from the model's own sampling "
                        "trajectories, spread evenly over the timesteps. Writes OUT/model.onnx and OUT/config.json, "
-                       "which `ddpm sample --model OUT` and `ddpm eval --model OUT` run. Needs `pip install -e .[compress]`.")
+                       "which `ddpm sample --model OUT` and `ddpm eval --ckpt OUT --ref DATA` run. Needs "
+                       "`pip install -e .[compress]`.")
     q.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint of the model to quantize")
     q.add_argument("--out", required=True, metavar="DIR", help="folder to write model.onnx and config.json to")
     q.add_argument("--calib-n", type=positive_int, default=256, help="calibration pairs (default: 256)")

@@ -5,11 +5,15 @@
 Method (Fang et al. 2023, "Structural Pruning for Diffusion Models", "Diff-Pruning", §3):
 - Importance is first-order Taylor, |w * dL/dw| summed over each group of coupled channels
   (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", Eq. 8 and its
-  group sum), with the gradient accumulated over timesteps: the diffusion loss of one batch at
-  t = 0 and upwards over a grid of noise levels (`TAYLOR_LEVELS`), stopping at the first level
-  whose loss falls below `TAYLOR_THRESHOLD` (5%) of the largest loss seen so far -- the
-  timestep-aware partial sum of Diff-Pruning, which drops the near-pure-noise steps that carry
-  little information about the weights.
+  group sum), with the gradient accumulated over timesteps: L_t is the error of the predicted
+  noise, mean ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, Eq. 14 -- the loss Diff-Pruning expands,
+  whatever the network predicts: an x0-, v- or EDM network's output is converted to its eps first),
+  on one seeded random batch with one noise draw, in eval mode, at t = 0 and upwards over a grid of
+  noise levels (`TAYLOR_LEVELS`), stopping at the first level whose L_t falls below
+  `TAYLOR_THRESHOLD` (5%) of the largest L_t seen so far -- the timestep-aware partial sum of
+  Diff-Pruning, which drops the near-pure-noise steps that carry little information about the weights.
+  (The training loss would not do: an x0, v or EDM objective weights the noisy steps up, so its
+  L_t never falls below the threshold and the sum runs over every level -- plain Taylor.)
 - Channels are pruned uniformly: every prunable layer loses the same share R; a GroupNorm whose
   groups no longer divide its channels gets ADM's group rule for its new width. Torch-Pruning traces the
   dependency graph, so residual additions, the ADM skip concatenations, GroupNorm and the
@@ -30,11 +34,13 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import config_of, load_checkpoint, load_state, model_from_config
 from ..config import Config, validate
+from ..diffusion import EDMDenoiser, to_eps
 from ..errors import DdpmError
 from ..models import widths
 from ..models.adm import AttnBlock, ResBlock, norm_groups
@@ -43,7 +49,7 @@ from ..tasks import Task
 from . import require
 
 TAYLOR_LEVELS = 20          # noise levels on the importance grid, from t = 0 to t = T - 1
-TAYLOR_THRESHOLD = 0.05     # stop accumulating once a level's loss < this share of the largest loss
+TAYLOR_THRESHOLD = 0.05     # stop accumulating once a level's eps error < this share of the largest
 TAYLOR_BATCH = 64           # images per importance level
 DEFAULT_SHARE = 0.10        # default fine-tune: this share of the teacher's training images
 # Default fine-tune LR as a share of the teacher's. Measured (bench_compress, the 150k digits model
@@ -153,30 +159,72 @@ def _fix_groups(model: nn.Module) -> None:
 
 # --- importance and the pruning step ------------------------------------------------------------
 
-def _noise_grid(draws: dict, level: int, like: torch.Tensor, diffusion) -> dict:
-    """`draws` with every row at noise level `level` of TAYLOR_LEVELS (t = 0 first)."""
+def noise_level(diffusion, level: int) -> int | float:
+    """Level `level` of TAYLOR_LEVELS (0 = least noise): a VP timestep on an even grid from 0 to T - 1,
+    or an EDM sigma with ln sigma evenly spaced from sigma_min to sigma_max."""
     frac = level / (TAYLOR_LEVELS - 1)
-    if "t" in draws:
-        t = round(frac * (diffusion.noise_steps - 1))
-        return {**draws, "t": torch.full_like(draws["t"], t)}
-    lo, hi = math.log(diffusion.sigma_min), math.log(diffusion.sigma_max)  # EDM: ln sigma from low to high
-    return {**draws, "sigma": torch.full_like(draws["sigma"], math.exp(lo + frac * (hi - lo)))}
+    if diffusion.objective == "edm":
+        lo, hi = math.log(diffusion.sigma_min), math.log(diffusion.sigma_max)
+        return math.exp(lo + frac * (hi - lo))
+    return round(frac * (diffusion.noise_steps - 1))
 
 
-def accumulate_taylor_grads(model: nn.Module, loss_fn, x0: torch.Tensor, diffusion, seed: int = 0) -> list[float]:
-    """Sum the gradients of the diffusion loss over noise levels from t = 0 upwards into .grad,
-    stopping below TAYLOR_THRESHOLD of the largest loss (Diff-Pruning, §3); returns the losses used."""
+def eps_error(model: nn.Module, diffusion, x0: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+    """L_t of Diff-Pruning at noise level `level`: mean ||eps - eps_theta||^2 over the batch (Ho et al. 2020,
+    Eq. 14), with eps_theta the network's output turned into a noise prediction (diffusion.py's to_eps)."""
+    n, view = x0.shape[0], (-1,) + (1,) * (x0.ndim - 1)
+    if diffusion.objective == "edm":
+        # D(x0 + sigma n, sigma) estimates x0 (Karras et al. 2022, Eq. 2). In VP coordinates
+        # x_VP = a x = a x0 + s n with a = 1 / sqrt(1 + sigma^2), s = sigma a, so to_eps("x0") applies.
+        sigma = torch.full((n,), noise_level(diffusion, level), device=x0.device)
+        x = x0 + sigma.view(view) * noise
+        d = EDMDenoiser(model, diffusion.sigma_data, diffusion.sigma_min, diffusion.sigma_max)(x, sigma)
+        a = (1 + sigma**2).rsqrt().view(view)
+        eps = to_eps("x0", d, a * x, a, sigma.view(view) * a)
+    else:
+        t = noise_level(diffusion, level)
+        ab = float(diffusion.alpha_bar64[t])
+        a, s = math.sqrt(ab), math.sqrt(1 - ab)
+        x_t = a * x0 + s * noise  # Ho et al. 2020, Eq. 4
+        out = model(x_t, torch.full((n,), t, dtype=torch.long, device=x0.device)).float()
+        if diffusion.learned_variance:
+            out = out.chunk(2, dim=1)[0]  # the variance half is no noise prediction
+        eps = to_eps(diffusion.prediction, out, x_t, a, s)
+    return (eps - noise).pow(2).mean()
+
+
+def accumulate_taylor_grads(model: nn.Module, diffusion, x0: torch.Tensor, seed: int = 0) -> list[float]:
+    """Sum the gradients of the eps error L_t over noise levels from t = 0 upwards into .grad, stopping at the
+    first level whose L_t is below TAYLOR_THRESHOLD of the largest so far (that level is not summed);
+    returns the L_t summed. Diff-Pruning, §3 (its timestep-aware Taylor importance): one batch `x0`, one
+    noise draw n ~ N(0, I) from `seed` (torch.randn(x0.shape) of a generator seeded with `seed`, on x0's
+    device) shared by every level, the network in eval mode (no dropout; its mode is restored after)."""
     model.zero_grad(set_to_none=True)
     g = torch.Generator(device=x0.device).manual_seed(seed)
-    base = loss_fn.draw(x0.shape[0], x0, g)
+    noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+    was_training = model.training
+    model.eval()
     losses: list[float] = []
-    for level in range(TAYLOR_LEVELS):
-        loss = loss_fn(model, x0, _noise_grid(base, level, x0, diffusion)).mean()
-        if losses and loss.item() < TAYLOR_THRESHOLD * max(losses):
-            break
-        loss.backward()
-        losses.append(loss.item())
+    try:
+        for level in range(TAYLOR_LEVELS):
+            loss = eps_error(model, diffusion, x0, noise, level)
+            if losses and loss.item() < TAYLOR_THRESHOLD * max(losses):
+                break
+            loss.backward()
+            losses.append(loss.item())
+    finally:
+        model.train(was_training)
     return losses
+
+
+def importance_batch(images, seed: int) -> torch.Tensor:
+    """TAYLOR_BATCH rows of `images` (N, H, W, C) uint8 drawn without replacement by `seed`, as floats in
+    [-1, 1], NCHW. Random, not the first rows: an image folder loads sorted by class folder, so its first
+    rows are one class (Diff-Pruning's reference code draws its batch from a shuffled loader)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(images), generator=g)[:TAYLOR_BATCH].sort().values.numpy()
+    batch = torch.from_numpy(np.ascontiguousarray(images[rows]))
+    return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def output_layer(model: nn.Module) -> nn.Module:
@@ -263,16 +311,15 @@ def _pruned(teacher: Config, ckpt: dict, path: str, ratio: float, data, log: Cal
     key = "ema_state_dict" if ckpt.get("ema_state_dict") is not None else "model_state_dict"
     load_state(model, ckpt[key], path)
     before, params = channel_count(model), sum(p.numel() for p in model.parameters())
-    x0 = torch.as_tensor(data.images[:TAYLOR_BATCH]).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # NHWC uint8
-    losses = accumulate_taylor_grads(model.train(), Task().make_loss(diffusion, teacher), x0, diffusion,
-                                     teacher.train.seed)
+    x0 = importance_batch(data.images, teacher.train.seed)
+    losses = accumulate_taylor_grads(model, diffusion, x0, teacher.train.seed)
     t = torch.zeros(2, dtype=torch.long)
     prune_model(model.eval(), (x0[:2], t), ratio)
     entries = widths.record(model, model_from_config(teacher)[0])
     cfg = dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, pruned=entries))
     log(f"pruned {1 - channel_count(model) / before:.1%} of the conv channels "
         f"({params / 1e6:.2f}M -> {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"Taylor importance over {len(losses)} of {TAYLOR_LEVELS} noise levels)")
+        f"Taylor importance of the eps error over {len(losses)} of {TAYLOR_LEVELS} noise levels)")
     return cfg, model.state_dict()
 
 
