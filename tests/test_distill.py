@@ -402,6 +402,21 @@ def test_a_v_student_learns_from_pairs_of_the_eps_teacher_read_as_eps(teacher, t
     np.testing.assert_allclose(pairs, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("objective,teacher_pred,asked,expected", [
+    ("vp", "eps", "auto", "v"), ("vp", "x0", "auto", "x0"), ("vp", "v", "auto", "v"), ("vp", "eps", "eps", "eps"),
+    ("vp", "v", "x0", "x0"), ("edm", "eps", "auto", "eps"),
+])
+def test_student_prediction_rule(objective, teacher_pred, asked, expected):
+    from ddpmkit.config import Config, DiffusionConfig
+    from ddpmkit.distill import student_prediction
+
+    teacher = Config(diffusion=DiffusionConfig(objective=objective, prediction=teacher_pred))
+    assert student_prediction(teacher, asked) == expected
+    if objective == "edm":
+        with pytest.raises(DdpmError, match="EDM model"):
+            student_prediction(teacher, "v")
+
+
 def test_prediction_option_keeps_or_sets_the_students_parameterization(teacher):
     summary = _distill(teacher, "consistency", "keep_eps", steps=1, images=8, prediction="eps")
     assert load_model(summary["ckpt"])[2].diffusion.prediction == "eps"

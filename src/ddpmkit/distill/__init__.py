@@ -73,7 +73,7 @@ def start_steps(teacher: Config, steps: int, start: int | None) -> int:
 PREDICTIONS = ("auto", "eps", "x0", "v")
 
 
-def student_prediction(teacher: Config, method: str, prediction: str = "auto") -> str:
+def student_prediction(teacher: Config, prediction: str = "auto") -> str:
     """What the student network predicts. auto: v for an eps teacher, else the teacher's own.
 
     An eps network's x0 is (x_VP - s eps) / a with a = 1 / sqrt(1 + sigma^2), so an error in its output
@@ -96,7 +96,7 @@ def student_prediction(teacher: Config, method: str, prediction: str = "auto") -
 def _run_config(teacher: Config, teacher_path: str, method: str, steps: int, train: dict,
                 prediction: str = "auto") -> Config:
     """A new run's config: the teacher's model, diffusion and data, a fresh [train] and the [distill] record."""
-    d = dataclasses.replace(teacher.diffusion, prediction=student_prediction(teacher, method, prediction))
+    d = dataclasses.replace(teacher.diffusion, prediction=student_prediction(teacher, prediction))
     # Constant LR, as before the new-run recipe made the teacher's cosine: a distillation's length
     # is set by its stages and --images, not by the teacher's --epochs.
     t = dataclasses.replace(teacher.train, epochs=0, warmup_steps=0, lr_schedule="constant", sample_every_epochs=0,
