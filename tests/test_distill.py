@@ -1,5 +1,6 @@
 """ddpm distill: the progressive target, the consistency boundary condition, the pair file, and
 each method end to end on a tiny teacher (sample, export, eval from the student), with resume."""
+import dataclasses
 import json
 import os
 import signal
@@ -449,3 +450,381 @@ def test_missing_or_wrong_teacher_is_a_one_line_error(teacher, tmp_path, capsys)
     with pytest.raises(DdpmError, match="itself a student model"):
         distill(str(root / "models" / "st_for_teacher" / "ckpt.pt"), "progressive", "x", workdir=str(root),
                 images=8, batch_size=8, device="cpu", progress=False, log=lambda *a: None)
+
+
+# --- units behind the end-to-end runs: the CLI, run setup, the consistency function, pairs, tasks ---
+
+def _distill_parser():
+    import argparse
+
+    from ddpmkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["distill"]
+
+
+def test_distill_cli_passes_its_flags_and_defaults_to_distill(monkeypatch, capsys):
+    import ddpmkit.distill as distill_pkg
+
+    seen = []
+    summary = {"status": "finished", "step": 7, "ckpt": "models/r/ckpt.pt"}
+    monkeypatch.setattr(distill_pkg, "distill", lambda *a, **kw: seen.append((a, kw)) or dict(summary))
+    assert main(["distill", "--teacher", "t.pt", "--method", "progressive", "--run-name", "r"]) == 0
+    assert seen[-1] == (("t.pt", "progressive", "r"), {
+        "steps": None, "images": None, "batch_size": None, "lr": None, "device": None, "workdir": ".",
+        "pairs": None, "start_steps_": None, "prediction": "auto", "progress": True})
+    assert "done: 7 steps; student checkpoint models/r/ckpt.pt" in capsys.readouterr().out
+    assert main(["distill", "--teacher", "t.pt", "--method", "student", "--run-name", "s", "--steps", "1",
+                 "--images", "16", "--pairs", "5", "--start-steps", "8", "--prediction", "x0", "--batch-size", "4",
+                 "--lr", "0.001", "--device", "cpu", "--workdir", "w", "--no-progress"]) == 0
+    assert seen[-1] == (("t.pt", "student", "s"), {
+        "steps": 1, "images": 16, "batch_size": 4, "lr": 0.001, "device": "cpu", "workdir": "w",
+        "pairs": 5, "start_steps_": 8, "prediction": "x0", "progress": False})
+    assert "done: 7 steps" in capsys.readouterr().out
+    summary["status"] = "stopped"  # a stopped run (SIGTERM) has no "done" line
+    assert main(["distill", "--teacher", "t.pt", "--method", "consistency", "--run-name", "c"]) == 0
+    assert "done:" not in capsys.readouterr().out
+    n = len(seen)
+    for bad in (["--steps", "0"], ["--images", "0"], ["--pairs", "0"], ["--start-steps", "0"],
+                ["--start-steps", "x"], ["--prediction", "z"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["distill", "--teacher", "t.pt", "--method", "progressive", "--run-name", "r", *bad])
+        assert exc.value.code == 2, bad
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", "t.pt", "--method", "Progressive", "--run-name", "r"])
+    assert len(seen) == n  # none of those reached distill
+
+
+def test_distill_help_describes_every_flag_and_the_defaults_the_code_uses():
+    from ddpmkit.distill import DEFAULT_IMAGES, DEFAULT_STEPS, MAX_START_STEPS
+
+    p = _distill_parser()
+    flags = {a.option_strings[0]: a for a in p._actions if a.option_strings and a.option_strings[0] != "-h"}
+    assert {"--teacher", "--method", "--run-name", "--steps", "--images", "--pairs", "--start-steps",
+            "--prediction"} <= set(flags)
+    for name, action in flags.items():
+        assert action.help and action.help.strip(), name
+    listed = lambda table: ", ".join(f"{m} {n}" for m, n in table.items())
+    assert listed(DEFAULT_STEPS) in flags["--steps"].help
+    assert listed(DEFAULT_IMAGES) in flags["--images"].help
+    assert "2000" in flags["--pairs"].help  # _task's default pair count
+    assert str(MAX_START_STEPS) in flags["--start-steps"].help
+    assert "default auto" in flags["--prediction"].help and flags["--prediction"].default == "auto"
+
+
+def _vp_teacher_config(timesteps=32, method="", steps=0, objective="vp"):
+    from ddpmkit.config import Config, DiffusionConfig, DistillConfig
+
+    return Config(diffusion=DiffusionConfig(timesteps=timesteps, objective=objective),
+                  distill=DistillConfig(method=method, steps=steps, sampler="progressive" if method else ""))
+
+
+@pytest.mark.parametrize("timesteps,objective,steps,expected", [
+    (32, "vp", 2, 32),      # up to the teacher's T (start == T is allowed)
+    (32, "vp", 1, 32), (1000, "vp", 4, 64), (1000, "vp", 3, 48), (16, "vp", 4, 16),
+    (1000, "edm", 1, 64),   # a continuous teacher: up to MAX_START_STEPS
+])
+def test_default_start_steps_is_the_largest_reachable_within_64_and_T(timesteps, objective, steps, expected):
+    from ddpmkit.distill import start_steps
+
+    assert start_steps(_vp_teacher_config(timesteps, objective=objective), steps, None) == expected
+    assert start_steps(_vp_teacher_config(timesteps, objective=objective), steps, expected) == expected
+
+
+def test_a_progressive_teacher_is_halved_from_its_own_steps():
+    # A progressive student was trained for its own step grid: the next run halves from exactly those
+    # steps, never from a smaller power of two of --steps, and no more than those can be asked for.
+    from ddpmkit.distill import start_steps
+
+    teacher = _vp_teacher_config(1000, "progressive", 8)
+    assert start_steps(teacher, 2, None) == 8 and start_steps(teacher, 4, None) == 8
+    with pytest.raises(DdpmError, match=r"cannot be reached by halving the teacher's 6 steps; use one of \[3\]"):
+        start_steps(_vp_teacher_config(1000, "progressive", 6), 2, None)
+    with pytest.raises(DdpmError, match="the teacher has 8 steps, fewer than the 16 to start from"):
+        start_steps(teacher, 2, 16)
+    with pytest.raises(DdpmError, match="--steps 8 is not below the teacher's 8 steps"):
+        start_steps(teacher, 8, None)
+
+
+def test_run_config_starts_a_fresh_train_section_from_the_teachers():
+    from ddpmkit.distill import _run_config
+
+    teacher = _vp_teacher_config()
+    teacher.train = dataclasses.replace(teacher.train, epochs=5, warmup_steps=10, lr_schedule="cosine",
+                                        sample_every_epochs=2, eval_every_steps=100, class_cond=True, grad_accum=4,
+                                        ckpt_every_steps=50, batch_size=16, seed=3)
+    t = _run_config(teacher, "teacher.pt", "consistency", 1, {"run_name": "r", "lr": 1e-4}).train
+    assert (t.epochs, t.warmup_steps, t.lr_schedule, t.sample_every_epochs, t.eval_every_steps, t.class_cond,
+            t.grad_accum, t.ckpt_every_steps) == (0, 0, "constant", 0, 0, False, 1, 0)
+    assert (t.run_name, t.lr, t.batch_size, t.seed) == ("r", 1e-4, 16, 3)  # given, or the teacher's
+
+
+def test_distill_gives_the_task_its_image_budget_and_the_trainer_its_epochs(teacher, monkeypatch):
+    from ddpmkit.distill import DEFAULT_IMAGES
+
+    seen = {}
+
+    def fake_train(cfg, ckpt, log, progress, task):
+        seen.update(cfg=cfg, task=task)
+        return {"status": "finished"}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    _distill(teacher, "consistency", "budget", images=40)  # 24 images, batches of 8: 3 steps an epoch
+    assert seen["task"].budget == 40 and seen["cfg"].train.epochs == 2 and seen["task"].total_steps == 6
+    assert seen["cfg"].train.sample_every_steps == 6 and seen["cfg"].train.lr == 1e-4
+    _distill(teacher, "consistency", "budget", lr=3e-4)
+    assert seen["task"].budget == DEFAULT_IMAGES["consistency"] and seen["cfg"].train.lr == 3e-4
+    _distill(teacher, "progressive", "budget_p", steps=2, start_steps_=8, images=16)
+    task = seen["task"]  # two stages of 2 steps (16 images) each: 2 epochs, one grid per stage
+    assert (task.budget, task.stages, task.per_stage, seen["cfg"].train.epochs) == (16, 2, 3, 2)
+    assert seen["cfg"].train.sample_every_steps == 3
+
+
+def test_student_method_rejects_more_than_one_step(teacher):
+    with pytest.raises(DdpmError, match="one-step students; drop --steps 2"):
+        _distill(teacher, "student", "two_steps", steps=2, pairs=8, images=8)
+
+
+def test_a_run_being_trained_elsewhere_is_a_one_line_error_naming_it(teacher):
+    from ddpmkit.runlock import RunLock
+
+    root = teacher[0]
+    with RunLock(root / "models" / "busy", "busy"):
+        with pytest.raises(DdpmError, match="run 'busy' is being trained by another process"):
+            _distill(teacher, "consistency", "busy", images=8)
+
+
+def test_teacher_weights_are_its_ema_else_its_model_and_conditional_teachers_are_refused(teacher, tmp_path):
+    from ddpmkit.distill import _teacher
+
+    path = teacher[1]
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["ema_state_dict"] is not None
+    cfg, state = _teacher(path)
+    assert all(torch.equal(state[k], ckpt["ema_state_dict"][k]) for k in state)
+    no_ema = dict(ckpt, ema_state_dict=None)
+    torch.save(no_ema, tmp_path / "no_ema.pt")
+    _, state = _teacher(str(tmp_path / "no_ema.pt"))
+    assert state.keys() == ckpt["model_state_dict"].keys()
+    assert all(torch.equal(state[k], ckpt["model_state_dict"][k]) for k in state)
+    cond = dict(ckpt, config={**ckpt["config"], "model": {**ckpt["config"]["model"], "num_classes": 2}})
+    torch.save(cond, tmp_path / "cond.pt")
+    with pytest.raises(DdpmError, match="cond.pt is class-conditional; ddpm distill takes unconditional"):
+        _teacher(str(tmp_path / "cond.pt"))
+
+
+class ConstNet(torch.nn.Module):
+    """A network whose raw output is the fixed tensor `out`, whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t):
+        return self.out.to(x.device).expand_as(x)
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm"])
+def test_consistency_function_is_the_boundary_form_of_the_networks_raw_output(kind):
+    # f = c_skip x + c_out F with sigma_data = 1 for VP (where a v network's F is -v) and the model's
+    # own sigma_data for EDM (F is the network's output), coefficients as in the module docstring.
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 1, 2, 2, generator=g)
+    if kind == "vp":
+        den = Diffusion(img_size=2, channels=1, timesteps=100, prediction="v").denoiser(ConstNet(out), clip=False)
+        sd, raw = 1.0, -out
+    else:
+        den = Diffusion(img_size=2, channels=1, objective="edm").denoiser(ConstNet(out), clip=False)
+        sd, raw = den.sigma_data, out
+        assert sd != 1
+    f = ConsistencyFunction(den)
+    x = torch.randn(4, 1, 2, 2, generator=g) * 3
+    sigma = torch.tensor([0.3, 1.0, 2.5, 10.0])
+    s, smin = sigma.double().view(-1, 1, 1, 1), f.sigma_min
+    c_skip = sd**2 / ((s - smin) ** 2 + sd**2)
+    c_out = (s - smin) * sd / (s**2 + sd**2).sqrt()
+    torch.testing.assert_close(f(x, sigma).double(), c_skip * x.double() + c_out * raw.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_consistency_function_follows_x_to_its_device_for_a_scalar_sigma():
+    class Half(torch.nn.Module):
+        def forward(self, x, t):
+            return 0.5 * x
+
+    x = torch.zeros(3, 1, 2, 2, device="meta")  # a device other than the CPU, where a float sigma lives
+    f = ConsistencyFunction(Diffusion(img_size=2, channels=1, objective="edm").denoiser(Half(), clip=False))
+    y = f(x, 0.7)
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_pseudo_huber_of_one_sample():
+    from ddpmkit.distill.consistency import pseudo_huber
+
+    a = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    b = torch.zeros_like(a)
+    c = 0.00054 * 48**0.5
+    torch.testing.assert_close(pseudo_huber(a, b), ((a**2).sum() + c**2).sqrt().view(1) - c)
+    torch.testing.assert_close(pseudo_huber(a, a), torch.zeros(1))
+
+
+def test_student_loss_is_the_unclipped_one_step_error_to_the_teachers_image():
+    # A v network with a constant output: D(sqrt(1 + s^2) z, s) = (z - s v) / sqrt(1 + s^2) at s = sigma_max,
+    # far outside [-1, 1] here; the loss must see it unclipped even when the config clips.
+    from ddpmkit.config import DiffusionConfig
+    from ddpmkit.distill.student import StudentLoss
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.full((3, 1, 2, 2), 3.0)
+    diffusion = Diffusion.from_config(DiffusionConfig(timesteps=100, prediction="v", clip_denoised=True), 2, 1)
+    z, image = torch.randn(3, 1, 2, 2, generator=g), torch.rand(3, 1, 2, 2, generator=g) * 2 - 1
+    s = diffusion.denoiser(torch.nn.Identity()).sigma_max
+    d = (z.double() - s * v.double()) / (1 + s**2) ** 0.5
+    expected = ((d - image.double()) ** 2).flatten(1).mean(1)
+    assert d.min() < -2
+    loss = StudentLoss(diffusion)(ConstNet(v), torch.cat([z, image], dim=1), {})
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+class RecordingDenoiser:
+    """A denoiser wrapper that records the noise levels it is called at."""
+
+    def __init__(self, base):
+        from ddpmkit.diffusion import DenoiserWrapper
+
+        self.inner, self.levels = DenoiserWrapper(base), []
+        for name in DenoiserWrapper.SAMPLER_ATTRIBUTES:
+            if hasattr(self.inner, name):
+                setattr(self, name, getattr(self.inner, name))
+
+    def prior_std(self, sigma_max):
+        return self.inner.prior_std(sigma_max)
+
+    def __call__(self, x, sigma):
+        self.levels.append(float(torch.as_tensor(sigma).reshape(-1)[0]))
+        return self.inner.base(x, sigma)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "edm"])
+def test_pairs_are_the_teachers_dpmpp2m_samples_on_its_karras_grid(kind, tmp_path):
+    # The levels are those of `ddpm sample --sampler dpm++2m --steps 20 --spacing karras`: on a cosine
+    # schedule (sigma_max ~ 4e3) the discrete model's cap applies; an EDM teacher has no discrete grid.
+    from exact_nets import InterpolatingGaussian
+
+    if kind == "cosine":
+        diff = Diffusion(img_size=4, channels=1, timesteps=50, schedule="cosine", prediction="eps")
+        den = diff.denoiser(torch.nn.Identity())
+        den = diff.denoiser(InterpolatingGaussian(den, 0.3, 0.5, "eps"), clip=False)
+        assert den.sigma_max > 1000
+    else:
+        den = Diffusion(img_size=4, channels=1, objective="edm").denoiser(ConstNet(torch.zeros(1)), clip=False)
+    rec = RecordingDenoiser(den)
+    arr = make_pairs(tmp_path / "p.npy", 3, (1, 4, 4), rec, 7, torch.device("cpu"), lambda *a: None, batch=2)
+    assert isinstance(arr, np.memmap) and not arr.flags.writeable  # read from disk, not loaded into memory
+    sigmas = samplers.sampler_sigmas(den, "dpm++2m", 20, "karras")
+    assert sorted(set(rec.levels), reverse=True) == sigmas[:-1].tolist()
+    z = samplers.PerSampleNoise(samplers.sample_seeds(7, range(3)))(torch.empty(3, 1, 4, 4))
+    x = samplers.SAMPLERS["dpm++2m"].fn(den, z * den.prior_std(float(sigmas[0])), sigmas).clamp(-1, 1)
+    np.testing.assert_array_equal(arr[:, 0], z.numpy())
+    np.testing.assert_allclose(arr[:, 1], x.numpy(), rtol=0, atol=1e-6)
+    assert 0.1 < np.abs(arr[:, 1]).mean() < 0.7  # images of the teacher's data, not clamped noise
+
+
+def test_a_pair_file_of_another_size_is_a_one_line_error(tmp_path):
+    den = Diffusion(img_size=2, channels=1, objective="edm").denoiser(ConstNet(torch.zeros(1)), clip=False)
+    make_pairs(tmp_path / "p.npy", 2, (1, 2, 2), den, 0, torch.device("cpu"), lambda *a: None)
+    with pytest.raises(DdpmError, match=r"holds pairs of shape \(2, 2, 1, 2, 2\), not \(3, 2, 1, 2, 2\)"):
+        make_pairs(tmp_path / "p.npy", 3, (1, 2, 2), den, 0, torch.device("cpu"), lambda *a: None)
+
+
+def _tiny_teacher_config(channels=1):
+    from ddpmkit.config import Config, DataConfig, DiffusionConfig, ModelConfig
+
+    return Config(model=ModelConfig(**{**TINY, "channel_mults": (1, 2), "attn_levels": ()}),
+                  diffusion=DiffusionConfig(timesteps=16), data=DataConfig(image_size=4, channels=channels))
+
+
+def test_student_task_pairs_have_the_networks_channels_and_a_bad_teacher_is_named(tmp_path):
+    from ddpmkit.checkpoint import model_from_config
+    from ddpmkit.distill.tasks import StudentTask
+
+    cfg = _tiny_teacher_config(channels=0)  # unresolved: the network's default 3 channels
+    state = model_from_config(cfg)[0].state_dict()
+    task = StudentTask("t.pt", state, 8, 2, tmp_path / "pairs.npy", cfg)
+    assert task.data(cfg, lambda *a: None).images.shape == (2, 2, 3, 4, 4)
+    bad = {k: v for k, v in state.items() if not k.endswith("bias")}
+    with pytest.raises(DdpmError, match="the teacher weights in t.pt do not match"):
+        StudentTask("t.pt", bad, 8, 2, tmp_path / "other.npy", cfg).data(cfg, lambda *a: None)
+    with pytest.raises(DdpmError, match="the teacher weights in t.pt do not match"):
+        StudentTask("t.pt", bad, 8, 2, tmp_path / "other.npy", cfg).build(cfg, torch.device("cpu"))
+
+
+def test_student_batches_are_noise_then_image_channels_on_the_given_device():
+    from ddpmkit.distill.student import PairData
+    from ddpmkit.distill.tasks import StudentTask
+
+    images = np.arange(4 * 2 * 1 * 2 * 2, dtype=np.float32).reshape(4, 2, 1, 2, 2)
+    cfg = _tiny_teacher_config()
+    cfg.train = dataclasses.replace(cfg.train, batch_size=2)
+    task = StudentTask("t.pt", {}, 8, 4, None, cfg)
+    batches = list(task.batches(PairData(images, "x"), cfg, 0, 0, 0, 1, torch.device("cpu")))
+    assert len(batches) == 2 and batches[0].shape == (2, 2, 2, 2)
+    rows = sorted(torch.cat(batches).flatten(1).tolist())
+    assert rows == images.reshape(4, -1).tolist()  # every pair once, noise channels first
+    meta = next(iter(task.batches(PairData(images, "x"), cfg, 0, 0, 0, 1, torch.device("meta"))))
+    assert meta.device.type == "meta"
+
+
+def test_task_state_round_trips_the_student_pair_count_and_plans_epochs_for_the_budget(tmp_path):
+    from ddpmkit.distill import _task
+
+    cfg = _tiny_teacher_config()
+    cfg.train = dataclasses.replace(cfg.train, workdir=str(tmp_path), run_name="r")
+    task = _task("student", "t.pt", cfg, {}, 24, cfg, None, None, 5, print)
+    assert task.extra_state() == {"method": "student", "teacher": "t.pt", "pairs": 5}
+    assert task.pairs_path == tmp_path / "models" / "r" / "pairs.npy"
+    assert _task("student", "t.pt", cfg, {}, 24, cfg, {"task_state": task.extra_state()}, None, 9, print).pairs == 5
+    assert _task("student", "t.pt", cfg, {}, 24, cfg, None, None, None, print).pairs == 2000
+    assert [task.plan(n, 8) for n in (3, 2, 1)] == [1, 2, 3]  # ceil(ceil(24 / 8) / n) epochs
+    assert _task("student", "t.pt", cfg, {}, 25, cfg, None, None, 5, print).plan(3, 8) == 2
+
+
+class FakeTrainer:
+    """What DistillTask.grid and ProgressiveTask.after_step read of a trainer."""
+
+    def __init__(self, cfg, results, step=0):
+        from types import SimpleNamespace
+
+        self.cfg, self.sampled = cfg, []
+        self.paths = SimpleNamespace(results=results)
+        self.ctx = SimpleNamespace(is_main=False)
+        self.state = SimpleNamespace(step=step, model=torch.nn.Linear(2, 2),
+                                     ema=SimpleNamespace(model=torch.nn.Linear(2, 2)))
+        self.diffusion = SimpleNamespace(
+            sample=lambda model, n, **kw: self.sampled.append(kw) or torch.zeros(n, 3, 4, 4))
+
+    def _sampling_model(self):
+        return None
+
+
+def test_progressive_grids_use_the_current_stage_steps_and_a_stage_switch_hands_over(tmp_path):
+    from ddpmkit.config import DistillConfig
+    from ddpmkit.distill.tasks import ProgressiveTask
+
+    cfg = _tiny_teacher_config()
+    cfg.distill = DistillConfig(method="progressive", steps=2, sampler="progressive")
+    logs = []
+    task = ProgressiveTask("t.pt", {}, 16, 8, 2, cfg.diffusion, logs.append)
+    task.per_stage, task.teacher = 3, torch.nn.Linear(2, 2)
+    trainer = FakeTrainer(cfg, tmp_path, step=2)
+    task.grid(trainer, "a")
+    assert (trainer.sampled[-1]["sampler"], trainer.sampled[-1]["steps"]) == ("progressive", 4)
+    task.after_step(trainer)
+    assert task.stage == 0 and logs == []
+    trainer.state.step = 3
+    task.after_step(trainer)
+    assert task.stage == 1 and logs == ["stage 2/2: distilling 4 -> 2 steps"]
+    for net in (task.teacher, trainer.state.ema.model):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                    trainer.state.model.state_dict().values()))
+    task.grid(trainer, "b")
+    assert trainer.sampled[-1]["steps"] == 2 and (tmp_path / "b.jpg").is_file()
