@@ -6,20 +6,19 @@ import torch
 
 from ddpmkit import Diffusion, samplers, schedules
 from ddpmkit.diffusion import EDMDenoiser, VPDenoiser, target
-from ddpmkit.losses import EDMLoss, VPLoss
+from ddpmkit.losses import EDMLoss, VPLoss, discretized_gaussian_nll, make_loss
 from exact_nets import InterpolatingGaussian
 
 
-def test_vlb_term_matches_hand_computed_kl():
-    betas = [0.1, 0.2, 0.3]
-    ab = torch.tensor([0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7], dtype=torch.float64)
-    loss = VPLoss(ab, "eps", learn_sigma=True)
+@pytest.mark.parametrize("ab,t", [([0.9, 0.72, 0.504], 2), ([0.9, 0.72], 1)], ids=["T=3", "T=2"])
+def test_vlb_term_matches_hand_computed_kl(ab, t):
+    loss = VPLoss(torch.tensor(ab, dtype=torch.float64), "eps", learn_sigma=True)
     x0, x_t, eps_hat, v = 0.3, -0.5, 0.2, 0.4
-    t = 2
     got = loss.vlb_term(torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x_t), torch.tensor([t]),
                         torch.full((1, 1, 1, 1), eps_hat), torch.full((1, 1, 1, 1), v)).item()
     # By hand, Ho et al. (2020) Eq. (7) and Nichol & Dhariwal (2021) Eq. (15):
-    a_t, a_prev, beta = 0.504, 0.72, betas[2]
+    a_t, a_prev = ab[t], ab[t - 1]
+    beta = 1 - a_t / a_prev
     post_var = beta * (1 - a_prev) / (1 - a_t)
     c0, ct = math.sqrt(a_prev) * beta / (1 - a_t), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
     x0_hat = (x_t - math.sqrt(1 - a_t) * eps_hat) / math.sqrt(a_t)
@@ -152,3 +151,92 @@ def test_each_objective_learns_and_samples_finite_images(settings):
     for sampler in ("ddpm", "dpm++2m"):
         x = d.generate(net, 4, sampler=sampler, steps=5, seed=0, progress=False, clip=False)
         assert torch.isfinite(x).all(), sampler
+
+
+# Tests below were written for mutants that survived scripts/mutation.py (docs/mutation.md).
+
+def test_default_vp_loss_is_the_simple_eps_mse():
+    # Ho et al. (2020) Eq. (14), unweighted: || net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) - eps ||^2.
+    d = Diffusion(img_size=2, channels=1, noise_steps=10)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 1, 2, 2, generator=gen)
+    draws = {"t": torch.tensor([0, 3, 7, 9]), "eps": torch.randn(4, 1, 2, 2, generator=gen)}
+    net = lambda x, t: 0.5 * x + 0.01 * t.view(-1, 1, 1, 1)
+    ab = d.alpha_bar64[draws["t"]].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * draws["eps"]
+    want = ((net(x_t, draws["t"]) - draws["eps"]) ** 2).mean(dim=(1, 2, 3)).float()
+    for loss_fn in (VPLoss(d.alpha_bar64), make_loss(d)):
+        torch.testing.assert_close(loss_fn(net, x0, draws), want, rtol=1e-5, atol=1e-6)
+
+
+def test_make_loss_passes_the_configuration_on():
+    d = Diffusion(img_size=2, prediction="v", learn_sigma=True)
+    vp = make_loss(d, "min_snr", 3.0, 0.01)
+    assert type(vp) is VPLoss and torch.equal(vp.alpha_bar, d.alpha_bar64)
+    assert (vp.prediction, vp.weighting, vp.gamma, vp.learn_sigma, vp.vlb_weight) == ("v", "min_snr", 3.0, True, 0.01)
+    edm = make_loss(Diffusion(img_size=2, objective="edm", sigma_data=0.3), p_mean=-1.0, p_std=0.7)
+    assert type(edm) is EDMLoss and (edm.sigma_data, edm.p_mean, edm.p_std) == (0.3, -1.0, 0.7)
+
+
+def test_edm_loss_with_given_draws_closed_form():
+    # F = 0 gives D = c_skip x = sd^2 / (sigma^2 + sd^2) x at x = x0 + sigma n, weighted by
+    # (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Eq. 8 and Table 1).
+    sd = 0.5
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 2, 2, generator=gen)
+    draws = {"sigma": torch.tensor([0.1, 1.0, 5.0]), "noise": torch.randn(3, 2, 2, 2, generator=gen)}
+    sigma = draws["sigma"].view(-1, 1, 1, 1)
+    denoised = sd**2 / (sigma**2 + sd**2) * (x0 + sigma * draws["noise"])
+    want = ((sigma**2 + sd**2) / (sigma * sd) ** 2).flatten() * ((denoised - x0) ** 2).mean(dim=(1, 2, 3))
+    got = EDMLoss(sd)(lambda x, t: torch.zeros_like(x), x0, draws)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("objective", ["vp", "edm"])
+def test_a_loss_without_draws_draws_one_row_per_sample(objective):
+    loss_fn = make_loss(Diffusion(img_size=2, channels=3, noise_steps=10, objective=objective))
+    x0 = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    net = lambda x, t: 0.5 * x
+    torch.manual_seed(1)
+    got = loss_fn(net, x0)
+    torch.manual_seed(1)
+    want = loss_fn(net, x0, loss_fn.draw(4, x0))
+    assert got.shape == (4,) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("settings", [{}, {"objective": "edm"}, {"learn_sigma": True}], ids=["vp", "edm", "hybrid"])
+def test_draws_tables_and_loss_follow_the_data_device(settings):
+    # "meta" tensors stand in for an accelerator: a loss on x0's device draws, indexes and computes there.
+    loss_fn = make_loss(Diffusion(img_size=2, channels=1, noise_steps=10, **settings))
+    x0 = torch.empty(4, 1, 2, 2, device="meta")
+    draws = loss_fn.draw(4, x0)
+    assert {name: value.device.type for name, value in draws.items()} == {name: "meta" for name in draws}
+    net = (lambda x, t: torch.cat([x, x], 1)) if settings.get("learn_sigma") else (lambda x, t: 0.5 * x)
+    out = loss_fn(net, x0, draws)
+    assert out.device.type == "meta" and out.shape == (4,)
+
+
+def test_discretized_gaussian_nll_closed_form():
+    # Ho et al. (2020) Eq. (13): the Gaussian's mass over the pixel's bin [x - 1/255, x + 1/255], the bins of
+    # -1 and 1 extended to -inf and +inf.
+    mean, std = 0.1, 0.5
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    cdf = lambda x: phi((x - mean) / std)
+    want = [-math.log(cdf(-1 + 1 / 255)), -math.log(cdf(0.2 + 1 / 255) - cdf(0.2 - 1 / 255)), -math.log(1 - cdf(1 - 1 / 255))]
+    x0 = torch.tensor([-1.0, 0.2, 1.0])
+    got = discretized_gaussian_nll(x0, torch.full_like(x0, mean), torch.full_like(x0, math.log(std)))
+    assert got.tolist() == pytest.approx(want, rel=1e-4)
+
+
+def test_vlb_term_of_a_batch_is_each_rows_own():
+    loss = VPLoss(schedules.alpha_bar_schedule("linear", 10), "eps", learn_sigma=True)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 2, 2, 2, generator=gen) * 2 - 1
+    x_t, mean_out = torch.randn(3, 2, 2, 2, generator=gen), torch.randn(3, 2, 2, 2, generator=gen)
+    var_out = torch.tanh(torch.randn(3, 2, 2, 2, generator=gen))
+    t = torch.tensor([0, 4, 9])
+    whole = loss.vlb_term(x0, x_t, t, mean_out, var_out)
+    rows = torch.cat([loss.vlb_term(x0[k:k + 1], x_t[k:k + 1], t[k:k + 1], mean_out[k:k + 1], var_out[k:k + 1])
+                      for k in range(3)])
+    assert whole.shape == (3,)
+    torch.testing.assert_close(whole, rows)

@@ -1,5 +1,6 @@
 """Every sampler, driven by the exact denoiser of a known distribution, must land on it."""
 import math
+import re
 
 import pytest
 import torch
@@ -255,16 +256,27 @@ def test_eta_zero_draws_no_noise(sampler):
     assert not torch.equal(_run_with_noise_source(sampler, 1, eta=1.0), _run_with_noise_source(sampler, 2, eta=1.0))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "nope", 10), "unknown sampler"),
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 0), "steps must be >= 1"),
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddpm", 1001), "exceeds this model's 1000 timesteps"),
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 10, eta=1.5), "eta must be in"),
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 10, spacing="weird"), "unknown spacing"),
-    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddpm", 10, variance="big"), "variance must be"),
+@pytest.mark.parametrize("call,message", [
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "nope", 10),
+     f"unknown sampler 'nope'; choose one of {', '.join(samplers.SAMPLERS)}"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 0), "steps must be >= 1, got 0"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddpm", 1001), "steps=1001 exceeds this model's 1000 timesteps; use at most 1000"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "progressive", 1001),
+     "steps=1001 exceeds this model's 1000 timesteps; use at most 1000"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 10, eta=1.5), "DDIM eta must be in [0, 1], got 1.5"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 10, eta=-0.1), "DDIM eta must be in [0, 1], got -0.1"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddim", 10, spacing="weird"),
+     "unknown spacing 'weird'; choose one of uniform, trailing, quadratic, karras"),
+    (lambda d: samplers.run(d, (2, 2, 1, 1), "ddpm", 10, variance="big"),
+     "DDPM variance must be 'beta' or 'posterior', got 'big'"),
+    (lambda d: samplers.make_sigmas(None, 10, "karras", sigma_min=0.1), "karras spacing needs sigma_min and sigma_max"),
+    (lambda d: samplers.make_sigmas(None, 10, "karras", sigma_max=80.0), "karras spacing needs sigma_min and sigma_max"),
+    (lambda d: samplers.make_sigmas(None, 10, "trailing"),
+     "spacing 'trailing' needs a discrete-time model; use --spacing karras"),
 ])
-def test_bad_arguments(call, match):
-    with pytest.raises(DdpmError, match=match):
+def test_bad_arguments(call, message):
+    # The whole message: it is what the CLI prints.
+    with pytest.raises(DdpmError, match="^" + re.escape(message) + "$"):
         call(ExactDenoiser("gauss"))
 
 
@@ -332,3 +344,207 @@ def test_student_samplers_honour_sdedit_and_repaint_levels(sampler):
     mask[..., :2] = 1
     generate(d, net, 2, known=init, mask=mask, resample=2, sampler=sampler, steps=4, seed=0)
     assert net.seen == [t for t in own for _ in range(2)][:-1]  # each level twice; the last step once
+
+
+# Tests below were written for mutants that survived scripts/mutation.py (docs/mutation.md).
+
+class ContinuousDenoiser:
+    """An EDM-style model: continuous noise levels in [0.002, 80] and no discrete timesteps."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def prior_std(self, sigma_max):
+        return sigma_max
+
+    def __call__(self, x, sigma):
+        return 0.5 * x / (1 + float(sigma))
+
+
+def _with_zero(levels):
+    return torch.cat([levels.float(), torch.zeros(1)])
+
+
+def test_continuous_models_get_karras_levels_over_their_range():
+    den = ContinuousDenoiser()
+    karras = lambda n: schedules.karras_sigmas(n, den.sigma_min, den.sigma_max)
+    for sampler in ("ddpm", "ddim", "heun", "dpm++2m"):  # whatever the sampler's own spacing
+        torch.testing.assert_close(samplers.sampler_sigmas(den, sampler, 5), _with_zero(karras(5)), rtol=0, atol=0)
+    assert len(samplers.sampler_sigmas(den, "ddpm")) == samplers.CONTINUOUS_DEFAULT_STEPS + 1
+    # A progressive student's levels: ramp i / steps of Eq. (5), so the 4-step levels are levels of the 8-step grid.
+    four, eight = samplers.nested_sigmas(den, 4), samplers.nested_sigmas(den, 8)
+    torch.testing.assert_close(four, _with_zero(karras(5)[:4]))
+    torch.testing.assert_close(four[:-1], eight[:-1:2], rtol=0, atol=0)
+    # Consistency sampling: steps + 1 Karras points without sigma_min, then 0.
+    torch.testing.assert_close(samplers.consistency_sigmas(den, 3), _with_zero(karras(4)[:3]))
+
+
+def test_karras_levels_on_a_discrete_model_take_the_range_given():
+    den = ExactDenoiser("gauss")
+    given = samplers.make_sigmas(den.discrete_sigmas, 5, "karras", sigma_min=0.5, sigma_max=20.0)
+    torch.testing.assert_close(given, _with_zero(schedules.karras_sigmas(5, 0.5, 20.0)), rtol=0, atol=0)
+    own = samplers.make_sigmas(den.discrete_sigmas, 5, "karras")  # none given: the model's own, capped at the top
+    torch.testing.assert_close(own, _with_zero(schedules.karras_sigmas(5, den.sigma_min, den.sigma_max)), rtol=0, atol=0)
+
+    class LevelsOnly:  # a discrete model that only lists its levels (no sigma_min / sigma_max attributes)
+        discrete_sigmas = den.discrete_sigmas
+
+    torch.testing.assert_close(samplers.sampler_sigmas(LevelsOnly(), "heun", 5), own, rtol=0, atol=0)
+
+
+def test_ancestral_sigmas_closed_form():
+    # sigma_up^2 = eta^2 s_to^2 (s_from^2 - s_to^2) / s_from^2 (Song et al. 2021, Eq. 16), down^2 = s_to^2 - up^2.
+    assert samplers.ancestral_sigmas(2.0, 1.0, 1.0) == pytest.approx((0.5, math.sqrt(0.75)))
+    assert samplers.ancestral_sigmas(2.0, 1.0, 0.5) == pytest.approx((math.sqrt(1 - 0.1875), math.sqrt(0.1875)))
+    assert samplers.ancestral_sigmas(5.0, 4.0, 0.0) == pytest.approx((4.0, 0.0))
+    assert samplers.ancestral_sigmas(2.0, 0.0, 1.0) == (0.0, 0.0)
+
+
+def test_describe_defaults_lists_every_sampler():
+    assert samplers.describe_defaults() == ("ddpm: all T, ddim: 50, dpm++2m: 20, dpm++3m: 20, dpm++2m-sde: 20, "
+                                            "euler: 50, heun: 18 (35 NFE), progressive: 4, consistency: 1")
+    assert samplers.describe_defaults("timesteps").startswith("ddpm: all timesteps, ddim: 50")
+
+
+PROGRESS_LABEL = {**{name: name for name in samplers.SAMPLERS}, "progressive": "ddim"}
+
+
+def test_progress_bar_names_the_sampler_and_shows_only_when_asked(monkeypatch):
+    bars = []
+
+    def recording_tqdm(iterable, **options):
+        bars.append(options)
+        return iterable
+
+    monkeypatch.setattr(samplers, "tqdm", recording_tqdm)
+    for name in samplers.SAMPLERS:
+        for progress in (True, False):
+            bars.clear()
+            samplers.run(CountingDenoiser(10), (1, 1, 1, 1), name, 3, progress=progress)
+            # one bar per run, named after the sampler, cleared when done
+            assert bars == [{"desc": PROGRESS_LABEL[name], "disable": not progress, "leave": False}], (name, progress)
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
+def test_callback_sees_every_step_its_level_state_and_estimate(sampler):
+    from ddpmkit.distill.consistency import ConsistencyFunction
+
+    den = ExactDenoiser("gauss")
+    sigmas = samplers.sampler_sigmas(den, sampler, 6)
+    x = torch.randn(3, 2, 1, 1, generator=torch.Generator().manual_seed(0)) * den.prior_std(float(sigmas[0]))
+    gen = torch.Generator().manual_seed(1)
+    seen = []
+    out = samplers.SAMPLERS[sampler].fn(den, x, sigmas, noise=lambda like: torch.randn(like.shape, generator=gen),
+                                        callback=lambda *args: seen.append(args))
+    assert [args[0] for args in seen] == list(range(len(sigmas) - 1))
+    assert [args[1] for args in seen] == [float(s) for s in sigmas[:-1]]
+    assert all(type(args[1]) is float for args in seen)
+    assert seen[0][2] is x  # the state the step starts from
+    estimate = ConsistencyFunction(den) if sampler == "consistency" else den
+    for i, _, state, denoised in seen:
+        torch.testing.assert_close(denoised, estimate(state, sigmas[i]), rtol=0, atol=0)
+    torch.testing.assert_close(out, seen[-1][3])  # the step to sigma = 0 lands on the x0 estimate
+
+
+def test_churn_raises_the_level_by_gamma_inside_its_range():
+    # Karras et al. (2022) Alg. 2: gamma = min(S_churn / N, sqrt(2) - 1) for S_tmin <= sigma <= S_tmax,
+    # sigma_hat = (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z.
+    x, ones = torch.zeros(1, 1, 1, 1), (lambda like: torch.ones_like(like))
+    out, s_hat = samplers._churn(x, 2.0, ones, 4, 0.4, 0.0, float("inf"), 1.0)
+    assert s_hat == pytest.approx(2.2) and out.item() == pytest.approx(math.sqrt(2.2**2 - 4))
+    g = math.sqrt(2) - 1  # the cap
+    out, s_hat = samplers._churn(x, 2.0, ones, 4, 40.0, 0.0, float("inf"), 0.5)
+    assert s_hat == pytest.approx(2 * (1 + g)) and out.item() == pytest.approx(0.5 * math.sqrt((2 * (1 + g)) ** 2 - 4))
+    for s_tmin, s_tmax, churned in [(2.0, 3.0, True), (1.0, 2.0, True), (2.5, 3.0, False), (0.5, 1.5, False)]:
+        out, s_hat = samplers._churn(x, 2.0, ones, 4, 0.4, s_tmin, s_tmax, 1.0)
+        assert (s_hat, out.item() != 0) == ((2.2, True) if churned else (2.0, False)), (s_tmin, s_tmax)
+    out, s_hat = samplers._churn(x, 2.0, None, 4, 0.0, 0.0, float("inf"), 1.0)  # no churn: no noise drawn
+    assert out is x and s_hat == 2.0
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_euler_and_heun_churn_with_the_default_range_and_noise_scale(sampler):
+    # S_churn = 0.4 over 2 steps: gamma = 0.2 at every level (default S_tmin = 0, S_tmax = inf, S_noise = 1).
+    den = ExactDenoiser("gauss")
+    x = torch.zeros(1, 2, 1, 1)
+    seen = []
+    samplers.SAMPLERS[sampler].fn(den, x, torch.tensor([2.0, 0.5, 0.0]), noise=lambda like: torch.ones_like(like),
+                                  callback=lambda i, s, state, d: seen.append((s, state)), s_churn=0.4)
+    assert [s for s, _ in seen] == pytest.approx([2.4, 0.6])
+    torch.testing.assert_close(seen[0][1], torch.full_like(x, math.sqrt(2.4**2 - 2.0**2)))
+
+
+class LearnedVarianceZero:
+    """D = 0 with a learned variance fraction `frac` (Improved DDPM's v mapped to [0, 1])."""
+    learned_variance = True
+
+    def __init__(self, frac):
+        self.frac = frac
+
+    def __call__(self, x, sigma, return_variance=False):
+        zero = torch.zeros_like(x)
+        return (zero, torch.full_like(x, self.frac)) if return_variance else zero
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_ddpm_step_variance_closed_form(frac):
+    # One step from sigma 2 to 1 with D = 0 and noise z = 1: x' = x0 + (1/4)(x - x0) + std z, where in these
+    # coordinates beta-tilde = 1 (4 - 1) / 4 = 0.75 and beta = (1 + 1)(4 - 1) / (1 + 4) = 1.2 (both over alpha_bar_s);
+    # a learned variance is exp(frac log beta + (1 - frac) log beta-tilde) (Nichol & Dhariwal 2021, Eq. 15).
+    x, sigmas, ones = torch.full((2, 1, 1, 1), 4.0), torch.tensor([2.0, 1.0]), (lambda like: torch.ones_like(like))
+    std = math.exp(0.5 * (frac * math.log(1.2) + (1 - frac) * math.log(0.75)))
+    out = samplers.sample_ddpm(LearnedVarianceZero(frac), x, sigmas, noise=ones)
+    torch.testing.assert_close(out, torch.full_like(x, 1.0 + std))
+    fixed = LearnedVarianceZero(frac)
+    fixed.learned_variance = False
+    for variance, var in [("beta", 1.2), ("posterior", 0.75)]:
+        out = samplers.sample_ddpm(fixed, x, sigmas, noise=ones, variance=variance)
+        torch.testing.assert_close(out, torch.full_like(x, 1.0 + math.sqrt(var)))
+
+
+class PolynomialInLambda:
+    """D(x, sigma) = p(lambda), a polynomial in lambda = -log sigma whatever x. The PF-ODE dx/dlambda = D - x
+    then has the exact step x(lam + h) = q(h) + e^{-h} (x(lam) - q(0)) with q(u) = p - p' + p'' at lam + u,
+    since d/du [e^u q(u)] = e^u p(lam + u)."""
+
+    def __init__(self, *coefficients):
+        self.c = coefficients  # p(lam) = c0 + c1 lam + c2 lam^2
+
+    def p(self, lam, derivative=0):
+        c0, c1, c2 = self.c
+        return [c0 + c1 * lam + c2 * lam**2, c1 + 2 * c2 * lam, 2 * c2][derivative]
+
+    def __call__(self, x, sigma):
+        return torch.full_like(x, self.p(-math.log(float(sigma))))
+
+    def flow(self, x, s_from, s_to):
+        lam, h = -math.log(s_from), math.log(s_from / s_to)
+        q = lambda at: self.p(at) - self.p(at, 1) + self.p(at, 2)
+        return q(lam + h) + math.exp(-h) * (x - q(lam))
+
+
+def test_dpmpp_3m_steps_are_exact_for_polynomial_estimates():
+    # On 5 steps DPM-Solver++(3M) takes orders 1, 2, 3, 2, 1; a step of order k integrates the ODE exactly
+    # when D is a polynomial of degree k - 1 in lambda (Lu et al. 2022b, App. B; the module's derivation).
+    sigmas = torch.tensor([16.0, 8.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    x = torch.tensor([0.3, -1.2], dtype=torch.float64).view(2, 1, 1, 1)
+
+    def states(den):
+        seen = {}
+        samplers.sample_dpmpp_3m(den, x, sigmas, callback=lambda i, s, state, d: seen.setdefault(i, state))
+        return seen
+
+    linear = PolynomialInLambda(0.2, 0.3, 0.0)
+    seen = states(linear)  # steps 1-3 (orders 2, 3, 2) are exact for a linear D
+    want = seen[1]
+    for i in (1, 2, 3):
+        want = linear.flow(want, float(sigmas[i]), float(sigmas[i + 1]))
+    torch.testing.assert_close(seen[4], want, rtol=1e-12, atol=1e-12)
+    quadratic = PolynomialInLambda(0.2, 0.3, -0.4)
+    seen = states(quadratic)  # the third-order step is exact for a quadratic D (D'' with its factor 2)
+    torch.testing.assert_close(seen[3], quadratic.flow(seen[2], 4.0, 2.0), rtol=1e-12, atol=1e-12)
+    assert (seen[2] - quadratic.flow(seen[1], 8.0, 4.0)).abs().max() > 1e-3  # ...and the second-order one is not
+
+
+def test_per_sample_noise_follows_the_state_device_and_dtype():
+    like = torch.empty(2, 3, device="meta", dtype=torch.float64)
+    z = samplers.PerSampleNoise([1, 2])(like)
+    assert (z.device.type, z.dtype, z.shape) == ("meta", torch.float64, (2, 3))
