@@ -452,3 +452,338 @@ def test_wrappers_keep_what_the_consistency_sampler_reads(kind):
     for wrapped in (inpaint, guided):
         assert getattr(wrapped, "sigma_data", None) == getattr(base, "sigma_data", None)
         torch.testing.assert_close(run(wrapped), ref, rtol=1e-5, atol=1e-5)
+
+
+# --- closed forms and checked inputs of the guidance package (mutation-test follow-ups) ---------
+
+def test_build_denoiser_default_weight_is_the_conditional_model():
+    """guidance defaults to w = 1: exactly the conditional prediction, no mixing with the null class."""
+    net = _jiggle(ADMUNet(c_in=1, c_out=1, time_dim=16, base_channels=8, channel_mults=(1,), attn_levels=(),
+                          num_res_blocks=1, num_classes=2))
+    d = Diffusion(img_size=4, channels=1, noise_steps=20)
+    x, sigma, y = torch.randn(2, 1, 4, 4), torch.tensor(2.0), torch.tensor([0, 1])
+    default = build_denoiser(d, net, y, clip=False)
+    assert default.guidance == 1.0
+    assert torch.equal(default(x, sigma), build_denoiser(d, net, y, guidance=1.0, clip=False)(x, sigma))
+    assert not torch.allclose(default(x, sigma), build_denoiser(d, net, y, guidance=2.0, clip=False)(x, sigma))
+
+
+def test_start_sigma_log_interpolates_the_discrete_sigmas():
+    """S T - 1 as a fractional timestep, log sigma interpolated between its two neighbours (up to T - 1)."""
+    class Den:
+        discrete_sigmas = torch.tensor([1.0, 2.0, 4.0, 8.0])  # T = 4
+
+    for strength, expected in ((0.1, 1.0), (0.5, 2.0), (0.625, math.sqrt(8.0)), (0.875, math.sqrt(32.0)),
+                               (0.9375, 2 ** 2.75), (1.0, 8.0)):
+        assert start_sigma(Den(), strength, 8.0) == pytest.approx(expected, rel=1e-9), strength
+
+
+def test_with_resampling_renoises_between_repeats_but_not_after_the_last_step():
+    """RePaint (jump length 1): each step U times, x += sqrt(s_i^2 - s_{i+1}^2) z in between; the step that
+    lands on sigma = 0 runs once (nothing to re-noise to)."""
+    from ddpmkit.guidance import with_resampling
+
+    calls = []
+
+    def step(den, x, pair, noise=None, **options):
+        calls.append(tuple(float(s) for s in pair))
+        return x - 1
+
+    sigmas = torch.tensor([3.0, 2.0, 0.0])
+    out = with_resampling(step, 2)(None, torch.zeros(1), sigmas, noise=torch.ones_like)
+    assert calls == [(3.0, 2.0), (3.0, 2.0), (2.0, 0.0)]
+    # 0 -> -1, re-noised by sqrt(9 - 4) -> -1 + sqrt(5), again -> -2 + sqrt(5), last step -> -3 + sqrt(5)
+    assert float(out) == pytest.approx(-3 + math.sqrt(5.0))
+    assert with_resampling(step, 1) is step
+
+
+def test_inpaint_denoiser_variance_path_pastes_x0_and_keeps_the_variance():
+    class Base(nn.Module):
+        def forward(self, x, sigma, return_variance=False):
+            return (2 * x, x + sigma) if return_variance else 2 * x
+
+    known, mask = torch.full((1, 1, 2, 2), 0.5), torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    den = InpaintDenoiser(Base(), known, mask)
+    x = torch.arange(4.0).view(1, 1, 2, 2)
+    x0, var = den(x, torch.tensor(3.0), return_variance=True)
+    assert torch.equal(x0, torch.tensor([[[[0.0, 0.5], [0.5, 6.0]]]]))
+    assert torch.equal(x0, den(x, torch.tensor(3.0)))
+    assert torch.equal(var, x + 3)
+
+
+def test_load_mask_thresholds_at_half_grey(tmp_path):
+    from ddpmkit.guidance import load_mask
+
+    path = _png(tmp_path / "m.png", [[0, 127], [128, 255]])
+    assert torch.equal(load_mask(path, 2), torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]]))
+
+
+class _Unused(nn.Module):
+    """A model that generate's early returns and checks never call."""
+
+    def forward(self, x, t):
+        raise AssertionError("the model should not run")
+
+
+def test_generate_checks_the_shapes_of_its_guide_images(monkeypatch):
+    """known: (n or 1, C, H, W); mask: (n or 1, 1 or C, H, W); a wrong channel count or size alone is refused."""
+    monkeypatch.setattr(guided_sampling, "_run_chunk", lambda den, shape, *a: torch.zeros(shape))
+    d = Diffusion(img_size=8, channels=3, noise_steps=20)
+    net, ok = _Unused(), torch.zeros(1, 3, 8, 8)
+    for mask in (torch.ones(1, 1, 8, 8), torch.ones(1, 3, 8, 8), torch.ones(2, 1, 8, 8)):
+        assert generate(d, net, 2, known=ok, mask=mask).shape == (2, 3, 8, 8)
+    bad = [("image", torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)),  # channels only
+           ("image", torch.zeros(1, 3, 4, 4), torch.ones(1, 1, 8, 8)),  # size only
+           ("image", torch.zeros(3, 3, 8, 8), torch.ones(1, 1, 8, 8)),  # rows
+           ("mask", ok, torch.ones(1, 2, 8, 8)),
+           ("mask", ok, torch.ones(1, 1, 4, 4)),
+           ("mask", ok, torch.ones(1, 8, 8))]
+    for what, known, mask in bad:
+        with pytest.raises(DdpmError, match=f"the inpainting {what} has shape"):
+            generate(d, net, 2, known=known, mask=mask)
+    with pytest.raises(DdpmError, match="the SDEdit image has shape"):
+        generate(d, net, 1, init=torch.zeros(1, 3, 4, 4), strength=0.5)
+
+
+def test_sdedit_strength_zero_clamps_the_image_to_the_model_range():
+    d = Diffusion(img_size=2, channels=1, noise_steps=20)
+    init = torch.tensor([[[[1.5, -1.5], [0.25, -2.0]]]])
+    out = generate(d, _Unused(), 2, init=init, strength=0.0)
+    assert torch.equal(out, torch.tensor([[[[1.0, -1.0], [0.25, -1.0]]]]).expand(2, 1, 2, 2))
+
+
+def _record_resampling(monkeypatch):
+    """Replace the RePaint runner by one that records the start x and the levels it is given."""
+    seen = []
+
+    def fake(fn, resample):
+        def run(den, x, sigmas, noise=None, **options):
+            seen.append((x.clone(), sigmas.clone()))
+            return x
+        return run
+
+    monkeypatch.setattr(guided_sampling, "with_resampling", fake)
+    return seen
+
+
+def test_resampled_inpainting_runs_on_the_spacing_asked_for_and_strength_one_is_the_prior(monkeypatch):
+    seen = _record_resampling(monkeypatch)
+    d = Diffusion(img_size=4, channels=1, noise_steps=50)
+    net = _Unused()
+    known, mask = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    levels = {}
+    for spacing in ("uniform", "karras"):
+        generate(d, net, 1, known=known, mask=mask, resample=2, sampler="ddim", steps=5, spacing=spacing)
+        levels[spacing] = seen.pop()[1]
+        torch.testing.assert_close(levels[spacing], samplers.sampler_sigmas(build_denoiser(d, net), "ddim", 5,
+                                                                             spacing), rtol=0, atol=0)
+    assert not torch.allclose(levels["uniform"], levels["karras"])
+    # S = 1 starts from the ordinary prior, with or without an init image, as samplers.run does.
+    kw = dict(known=known, mask=mask, resample=2, sampler="ddim", steps=5, seed=3)
+    generate(d, net, 2, **kw)
+    generate(d, net, 2, init=torch.ones(1, 1, 4, 4), strength=1.0, **kw)
+    (plain, plain_levels), (with_init, init_levels) = seen
+    assert torch.equal(with_init, plain) and torch.equal(init_levels, plain_levels)
+    sigma_max = float(plain_levels[0])
+    assert plain.std().item() == pytest.approx(math.sqrt(1 + sigma_max ** 2), rel=0.5)  # the prior's scale
+
+
+def _tiny_latent_diffusion():
+    from ddpmkit.latent import LatentDiffusion
+    from ddpmkit.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(channels=3, latent_channels=2, downsample=2, base_channels=8)
+    return LatentDiffusion(Diffusion(img_size=4, channels=2, noise_steps=20), ae, scale_factor=1.5)
+
+
+class _LatentNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def test_latent_model_inpainting_encodes_the_guide_and_pastes_the_known_pixels(monkeypatch):
+    """A latent model takes guide images at the image size (3 x 8 x 8 here, latents 2 x 4 x 4): the guide is
+    encoded, the mask pooled to the latent grid, and the known pixels come back bit-exact after decoding."""
+    ld, net = _tiny_latent_diffusion(), _LatentNet()
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 5:] = 1
+    pasted, paste = [], InpaintDenoiser.paste
+
+    def spy(self, x0):
+        pasted.append((self.known.clone(), self.mask.clone()))
+        return paste(self, x0)
+
+    monkeypatch.setattr(InpaintDenoiser, "paste", spy)
+    out = generate(ld, net, 2, known=known, mask=mask, sampler="ddim", steps=2, seed=0)
+    assert out.shape == (2, 3, 8, 8)
+    assert torch.equal(out[..., :5], known[..., :5].expand(2, 3, 8, 5))
+    assert (out[..., 5:] - known[..., 5:]).abs().max() > 0.01
+    latent_known, latent_mask = pasted[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(latent_known, ld.to_latents(known))
+    assert torch.equal(latent_mask, torch.tensor([0.0, 0, 1, 1]).expand(1, 1, 4, 4))
+    # Two chunks (batch_size 1) with one mask per image: each image keeps its own known pixels.
+    masks = torch.stack([mask[0], 1 - mask[0]])
+    knowns = torch.stack([known[0], -known[0]])
+    two = generate(ld, net, 2, known=knowns, mask=masks, sampler="ddim", steps=2, seed=0, batch_size=1)
+    assert torch.equal(two[0, ..., :5], knowns[0, ..., :5]) and torch.equal(two[1, ..., 5:], knowns[1, ..., 5:])
+    # And without inpainting, a latent model's samples are the decoded latents.
+    plain = generate(ld, net, 1, sampler="ddim", steps=2, seed=0)
+    assert plain.shape == (1, 3, 8, 8) and plain.abs().max() <= 1
+
+
+def test_labelled_grid_centres_each_caption_on_its_row():
+    from ddpmkit.guidance import labelled_grid
+
+    names = ("top", "bottom", "mid")
+    img = np.asarray(labelled_grid(-torch.ones(6, 1, 8, 8), names, 2, min_width=64))
+    margin = 8 + 7 * max(map(len, names))
+    ink = img[:, :margin] > 127
+    row_h = img.shape[0] / len(names)
+    for r in range(len(names)):
+        ys = np.nonzero(ink[int(r * row_h):int((r + 1) * row_h)].any(1))[0]
+        assert len(ys), r
+        centre = (ys.min() + ys.max()) / 2
+        assert abs(centre - row_h / 2) <= 0.2 * row_h, (r, ys)
+
+
+# --- the command line: flags parsed by the real parser, what `sample` and `edit` pass on --------
+
+@pytest.fixture
+def fake_ckpt(monkeypatch):
+    """cli's checkpoint loading replaced by a 2-class 1 x 8 x 8 model that never runs, and generate by a
+    recorder: `calls` gets the loader's (path, device, ema) and generate's keyword arguments."""
+    import ddpmkit.cli as cli
+
+    calls = {"load": [], "generate": []}
+    cfg = from_dict({"model": {"arch": "adm", "num_classes": 2, "class_names": ["bottom", "top"]}})
+    model, diffusion = _Unused(), Diffusion(img_size=8, channels=1, noise_steps=20)
+    model.num_classes = 2
+
+    class Ctx:
+        enabled = False
+
+        def close(self):
+            pass
+
+    def load(path, device, ema=True):
+        calls["load"].append((path, device, ema))
+        return Ctx(), model, diffusion, cfg
+
+    def fake_generate(diffusion, model, n, **kw):
+        calls["generate"].append({"n": n, **kw})
+        return torch.zeros(n, 1, 8, 8)
+
+    monkeypatch.setattr(cli, "_load_for_sampling", load)
+    monkeypatch.setattr(guided_sampling, "generate", fake_generate)
+    return calls
+
+
+def test_cli_sample_passes_its_condition_flags_on(fake_ckpt, tmp_path, capsys):
+    image = _png(tmp_path / "img.png", np.full((8, 8), 255))
+    mask = _png(tmp_path / "mask.png", np.full((8, 8), 255))
+    assert main(["sample", "--ckpt", "c.pt", "--class", "top", "--guidance", "2.5", "--rescale", "0.25",
+                 "--guidance-interval", "0.5", "9", "--inpaint", image, "--mask", mask, "--resample", "3",
+                 "--sampler", "ddim", "--steps", "4", "--spacing", "karras", "--seed", "7", "--batch-size", "5",
+                 "--eta", "0.5", "--bf16", "--clip", "on", "-n", "3", "--device", "cpu", "--no-ema",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert fake_ckpt["load"] == [("c.pt", "cpu", False)]
+    kw = fake_ckpt["generate"].pop()
+    assert torch.equal(kw.pop("labels"), torch.tensor([1]))
+    assert torch.equal(kw.pop("known"), torch.ones(1, 1, 8, 8)) and torch.equal(kw.pop("mask"), torch.ones(1, 1, 8, 8))
+    assert kw == {"n": 3, "guidance": 2.5, "rescale_phi": 0.25, "interval": [0.5, 9.0], "resample": 3,
+                  "sampler": "ddim", "steps": 4, "spacing": "karras", "seed": 7, "batch_size": 5, "bf16": True,
+                  "clip": True, "eta": 0.5}
+    # The defaults: one labelled row per class, no guidance, no rescale, no interval, no resampling.
+    assert main(["sample", "--ckpt", "c.pt", "-n", "4", "--out", str(tmp_path / "d.png")]) == 0
+    assert fake_ckpt["load"][-1] == ("c.pt", "auto", True)
+    kw = fake_ckpt["generate"].pop()
+    assert torch.equal(kw.pop("labels"), torch.tensor([0, 0, 1, 1]))
+    assert kw == {"n": 4, "guidance": 1.0, "rescale_phi": 0.0, "interval": None, "known": None, "mask": None,
+                  "resample": 1, "sampler": "ddpm", "steps": None, "spacing": None, "seed": 0, "batch_size": 64,
+                  "bf16": False, "clip": None}
+
+
+def test_cli_edit_passes_its_flags_on(fake_ckpt, tmp_path, capsys):
+    image = _png(tmp_path / "img.png", np.full((8, 8), 255))
+    out = tmp_path / "e.png"
+    assert main(["edit", "--ckpt", "c.pt", "--init", image, "--strength", "0.5", "--class", "top", "--guidance", "2",
+                 "--rescale", "0.25", "--guidance-interval", "0.5", "9", "--seed", "7", "--sampler", "euler",
+                 "--steps", "4", "-n", "2", "--bf16", "--no-ema", "--device", "cpu", "--out", str(out)]) == 0
+    assert fake_ckpt["load"] == [("c.pt", "cpu", False)]
+    kw = fake_ckpt["generate"].pop()
+    assert torch.equal(kw.pop("labels"), torch.tensor([1])) and torch.equal(kw.pop("init"), torch.ones(1, 1, 8, 8))
+    assert kw == {"n": 2, "guidance": 2.0, "rescale_phi": 0.25, "interval": [0.5, 9.0], "strength": 0.5,
+                  "sampler": "euler", "steps": 4, "seed": 7, "bf16": True}
+    assert out.is_file() and "2 edits at strength 0.5" in capsys.readouterr().out
+    assert main(["edit", "--ckpt", "c.pt", "--init", image, "--strength", "1", "--out", str(out)]) == 0
+    assert fake_ckpt["load"][-1] == ("c.pt", "auto", True)
+    kw = fake_ckpt["generate"].pop()
+    assert kw.pop("labels") is None and kw.pop("init").shape == (1, 1, 8, 8)
+    assert kw == {"n": 1, "guidance": 1.0, "rescale_phi": 0.0, "interval": None, "strength": 1.0,
+                  "sampler": "ddim", "steps": None, "seed": 0, "bf16": False}
+
+
+def test_cli_condition_errors_name_the_flag(fake_ckpt, tmp_path, capsys):
+    common = ["--ckpt", "c.pt", "--out", str(tmp_path / "o.png")]
+    for lo, hi in (("2", "2"), ("3", "1"), ("-1", "2")):
+        assert "0 <= LO < HI" in _error(capsys, ["sample", *common, "--guidance", "2", "--guidance-interval", lo, hi])
+    image, big = _png(tmp_path / "img.png", np.zeros((8, 8))), _png(tmp_path / "big.png", np.zeros((16, 16)))
+    err = _error(capsys, ["sample", *common, "--inpaint", big, "--mask", image])
+    assert "error: --inpaint image " in err and "16x16" in err
+    err = _error(capsys, ["edit", *common, "--init", str(tmp_path / "none.png"), "--strength", "0.5"])
+    assert "error: --init image file " in err and "does not exist" in err
+    assert not fake_ckpt["generate"]
+
+
+def _subparser(name):
+    import argparse
+
+    from ddpmkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub, sub.choices[name]
+
+
+def test_edit_and_condition_flags_have_help_that_states_the_real_defaults(capsys, monkeypatch):
+    import re
+
+    sub, _ = _subparser("edit")
+    assert next(a.help for a in sub._choices_actions if a.dest == "edit")  # listed with a summary in ddpm --help
+    for name in ("edit", "sample"):
+        for action in _subparser(name)[1]._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and action.help.strip(), (name, action.option_strings)
+            stated = re.search(r"\(default: ([^ )]+)", action.help)
+            if stated and action.default not in (None, False):
+                value = stated.group(1)
+                assert (float(value) == action.default if isinstance(action.default, (int, float))
+                        else value == action.default), (name, action.option_strings, value, action.default)
+    # Where the help names the value by a placeholder, the usage line shows that same placeholder.
+    placeholders = {"--strength": ("S",), "--guidance": ("W",), "--guidance-interval": ("LO", "HI"),
+                    "--resample": ("U",), "--inpaint": ("IMAGE",)}
+    for name in ("edit", "sample"):
+        for action in _subparser(name)[1]._actions:
+            flag = next((f for f in action.option_strings if f in placeholders), None)
+            if flag:
+                shown = action.metavar if isinstance(action.metavar, tuple) else (action.metavar,)
+                assert shown == placeholders[flag], (name, flag, action.metavar)
+                assert all(re.search(rf"\b{m}\b", action.help) for m in shown), (name, flag, action.help)
+    # The examples keep their lines (a raw epilog, not one reflowed paragraph).
+    from ddpmkit.guidance.commands import EDIT_EXAMPLES
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for line in EDIT_EXAMPLES.strip("\n").splitlines():
+        assert line in lines
