@@ -98,10 +98,12 @@ def test_adm_blocks_start_as_identity_and_the_output_at_zero():
 
 
 def test_norm_groups_divide_small_widths():
-    for channels in (1, 3, 8, 16, 24, 32, 40, 64, 96, 120, 128, 240, 256, 512):
+    for channels in (1, 2, 3, 4, 6, 8, 16, 24, 32, 40, 64, 96, 120, 128, 240, 256, 512):
         g = norm_groups(channels)
         assert channels % g == 0 and 1 <= g <= 32 and (channels // g >= 4 or g == 1)
-    assert (norm_groups(32), norm_groups(128), norm_groups(256)) == (8, 32, 32)
+    # below 8 channels no group can keep 4 channels beside another: one group (a LayerNorm over C, H, W)
+    assert [norm_groups(c) for c in range(1, 9)] == [1, 1, 1, 1, 1, 1, 1, 2]
+    assert (norm_groups(12), norm_groups(32), norm_groups(128), norm_groups(256)) == (3, 8, 32, 32)
 
 
 def _old_tiny_config() -> dict:
@@ -276,24 +278,33 @@ def test_resblock_with_dropout_one_is_skip_plus_conv2_bias():
         torch.testing.assert_close(block.eval()(x, e), _hand_resblock(block, x, e), rtol=1e-5, atol=1e-5)
 
 
+def _hand_attention(block: adm.AttnBlock, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, c, hh, ww = x.shape
+    d = c // num_heads
+    normed = _group_norm(x, block.norm).reshape(b, c, hh * ww)
+    qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], normed) + block.qkv.bias[:, None]
+    q, k, v = qkv.split(c, dim=1)
+    heads = []
+    for i in range(num_heads):
+        part = slice(i * d, (i + 1) * d)
+        weights = torch.softmax(q[:, part].transpose(1, 2) @ k[:, part] / math.sqrt(d), dim=-1)  # (b, query, key)
+        heads.append(v[:, part] @ weights.transpose(1, 2))
+    proj = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], torch.cat(heads, 1)) + block.proj.bias[:, None]
+    return x + proj.reshape(x.shape)
+
+
 def test_attention_matches_multi_head_attention_computed_by_hand():
     """Channels of the qkv conv: [q | k | v], each split into heads of c/heads consecutive channels
     (the layout checkpoints hold); softmax(q.k / sqrt(d)) over keys; x + proj(heads concatenated)."""
     block = _randomize(adm.AttnBlock(12, num_heads=3)).eval()
     x, _ = _inputs(12, side=4)
-    b, c, hh, ww = x.shape
-    d = c // 3
-    normed = _group_norm(x, block.norm).reshape(b, c, hh * ww)
-    qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], normed) + block.qkv.bias[:, None]
-    q, k, v = qkv.split(c, dim=1)
-    heads = []
-    for i in range(3):
-        part = slice(i * d, (i + 1) * d)
-        weights = torch.softmax(q[:, part].transpose(1, 2) @ k[:, part] / math.sqrt(d), dim=-1)  # (b, query, key)
-        heads.append(v[:, part] @ weights.transpose(1, 2))
-    proj = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], torch.cat(heads, 1)) + block.proj.bias[:, None]
     with torch.no_grad():
-        torch.testing.assert_close(block(x), x + proj.reshape(x.shape), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x), _hand_attention(block, x, num_heads=3), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_heads_must_divide_the_channels():
+    with pytest.raises(ValueError, match="num_heads=3 must divide channels=8"):
+        adm.AttnBlock(8, num_heads=3)
 
 
 def test_resampling_matches_strided_conv_and_nearest_upsampling_by_hand():
@@ -322,6 +333,110 @@ def test_every_adm_resblock_gets_silu_of_the_time_mlp_output():
     assert len(got) == sum(isinstance(m, adm.ResBlock) for m in model.modules())
     for e in got:
         torch.testing.assert_close(e, want)
+
+
+# --- the whole network's wiring, rebuilt by hand ----------------------------------------------------
+# The block tests above check each block; this one checks how ADMUNet strings them together: which
+# blocks each level has (attention only at attn_levels, in the encoder and the decoder), the order
+# in which the decoder takes the encoder's skips (the last one first, conv_in's output last), where
+# the Upsample sits, the class embedding added to the MLP's output, and the output head.
+
+TINY_ADM = dict(c_in=2, c_out=3, time_dim=8, base_channels=4, channel_mults=(1, 2), attn_levels=(1,),
+                num_heads=2, num_res_blocks=1)
+
+
+def _describe(step: torch.nn.ModuleList) -> list[tuple]:
+    def one(m):
+        if isinstance(m, adm.ResBlock):
+            return ("res", m.conv1.in_channels, m.conv1.out_channels)
+        if isinstance(m, adm.AttnBlock):
+            return ("attn", m.qkv.in_channels)
+        return (type(m).__name__, m.conv.in_channels)
+    return [one(m) for m in step]
+
+
+@pytest.mark.parametrize("num_classes,y", [(0, None), (3, [2, 0]), (3, None)], ids=["uncond", "labels", "null-class"])
+def test_adm_unet_matches_its_layout_computed_by_hand(num_classes, y):
+    """Widths (4, 8), one residual block per level, attention at level 1 only. Encoder skips:
+    s0 = conv_in(x) (4 ch), s1 = level-0 block (4), s2 = Downsample (4), s3 = level-1 block + attn (8).
+    Middle: res, attn, res. Decoder (two blocks per level, each taking one skip, s3 first):
+    [res(8+8), attn], [res(8+4), attn, Upsample], [res(8+4)], [res(4+4)]; head GN, SiLU, conv."""
+    model = _randomize(ADMUNet(**TINY_ADM, num_classes=num_classes)).eval()
+    assert [_describe(s) for s in model.enc] == [[("res", 4, 4)], [("Downsample", 4)], [("res", 4, 8), ("attn", 8)]]
+    assert _describe(model.mid) == [("res", 8, 8), ("attn", 8), ("res", 8, 8)]
+    assert [_describe(s) for s in model.dec] == [[("res", 16, 8), ("attn", 8)],
+                                                 [("res", 12, 8), ("attn", 8), ("Upsample", 8)],
+                                                 [("res", 12, 4)], [("res", 8, 4)]]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 4, 6, generator=gen, dtype=torch.float64)  # not square: rows and columns stay apart
+    t = torch.tensor([3, 700])
+    mlp = model.time_mlp
+    emb = _linear(_silu(_linear(unet.timestep_embedding(t, 8).double(), mlp[0])), mlp[2])
+    if num_classes:
+        emb = emb + model.label_emb.weight[torch.tensor([3, 3] if y is None else y)]  # row 3: the null class
+    e = _silu(emb)
+    enc, dec = model.enc, model.dec
+
+    def res(block, h):
+        return _hand_resblock(block, h, e)
+
+    def attn(block, h):
+        return _hand_attention(block, h, num_heads=2)
+
+    s0 = _conv(x, model.conv_in, padding=1)
+    s1 = res(enc[0][0], s0)
+    s2 = _conv(s1, enc[1][0].conv, stride=2, padding=1)
+    s3 = attn(enc[2][1], res(enc[2][0], s2))
+    h = res(model.mid[2], attn(model.mid[1], res(model.mid[0], s3)))
+    h = attn(dec[0][1], res(dec[0][0], torch.cat([h, s3], 1)))
+    h = attn(dec[1][1], res(dec[1][0], torch.cat([h, s2], 1)))
+    h = _conv(h.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1), dec[1][2].conv, padding=1)
+    h = res(dec[2][0], torch.cat([h, s1], 1))
+    h = res(dec[3][0], torch.cat([h, s0], 1))
+    want = _conv(_silu(_group_norm(h, model.out[0])), model.out[2], padding=1)
+    with torch.no_grad():
+        got = model(x, t, None if y is None else torch.tensor(y))
+    assert got.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_adm_unet_defaults_are_an_unconditional_rgb_network_without_dropout():
+    """ADMUNet() is public (ddpmkit.models): 3 channels in and out, no class table, no dropout
+    (a Dropout(p=0) module would also be none: the block then returns its input unchanged)."""
+    model = ADMUNet()
+    assert (model.conv_in.in_channels, model.out[2].out_channels) == (3, 3)
+    assert model.num_classes == 0 and not hasattr(model, "label_emb")
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_a_scalar_t_is_used_for_every_image():
+    """t as a Python number or a 0-d tensor means that t for each image of the batch (batch 2 and
+    3 channels, so expanding to the channel count instead would not broadcast)."""
+    model = _randomize(ADMUNet(**dict(TINY_ADM, c_in=3))).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x, torch.tensor([5, 5]))
+        for t in (5, torch.tensor(5)):
+            torch.testing.assert_close(model(x, t), want, rtol=0, atol=0)
+
+
+def test_t_given_as_numbers_goes_to_the_input_device():
+    """"meta" stands in for an accelerator: t given as a Python int or list is made on x's device."""
+    model = ADMUNet(**TINY_ADM).to("meta")
+    x = torch.empty(2, 2, 4, 4, device="meta")
+    for t in (5, [3, 700], torch.tensor([3, 700])):
+        out = model(x, t)
+        assert out.device.type == "meta" and out.shape == (2, 3, 4, 4)
+
+
+def test_input_sides_must_be_divisible_by_the_total_downsampling():
+    model = ADMUNet(**dict(TINY_ADM, channel_mults=(1, 1, 1), attn_levels=()))  # two downsamplings: factor 4
+    t = torch.tensor([1])
+    with pytest.raises(ValueError, match=r"input size \(6, 8\) must be divisible by 4"):
+        model(torch.randn(1, 2, 6, 8), t)
+    with pytest.raises(ValueError, match=r"input size \(8, 6\) must be divisible by 4"):
+        model(torch.randn(1, 2, 8, 6), t)
+    assert model(torch.randn(1, 2, 4, 8), t).shape == (1, 3, 4, 8)
 
 
 # --- why the backbone changed: eps-prediction at high noise (issue 10) -----------------------------
