@@ -1,4 +1,5 @@
 """`ddpm prune` (Torch-Pruning) and `ddpm quantize` (ONNX Runtime int8): needs the [compress] extra."""
+import dataclasses
 import importlib
 import io
 import math
@@ -116,7 +117,7 @@ def test_prune_command_fine_tunes_resumes_exactly_and_loads(image_folder, tmp_pa
     b = torch.load(tmp_path / "models" / "stopped" / "ckpt.pt", weights_only=True)
     for key in ("model_state_dict", "ema_state_dict"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    assert a["config"]["model"]["pruned"] and a["task_state"]["ratio"] == 0.5
+    assert a["config"]["model"]["pruned"] and a["task_state"] == {"method": "prune", "ratio": 0.5, "teacher": teacher}
     teacher_lr = torch.load(teacher, weights_only=True)["config"]["train"]["lr"]
     assert a["config"]["train"]["lr"] == pytest.approx(P.FINETUNE_LR_SHARE * teacher_lr)  # the default fine-tune LR
     model, diffusion, cfg = load_model(tmp_path / "models" / "straight" / "ckpt.pt")
@@ -269,14 +270,21 @@ def test_a_missing_extra_is_a_one_line_error_naming_the_install(monkeypatch):
 
 
 def test_prune_fine_tune_starts_from_the_pruned_teacher_weights(image_folder, tmp_path, monkeypatch,
-                                                               one_torch_thread):
+                                                               one_torch_thread, capsys):
     teacher = _teacher(image_folder, tmp_path, monkeypatch)
     ckpt = P.load_checkpoint(teacher)
     cfg = P.config_of(ckpt, teacher)
     data = P.PruneTask(None, 0.5, teacher).data(cfg, lambda *a: None)
     _, expected = P._pruned(cfg, ckpt, teacher, 0.5, data, lambda *a: None)
     # A fine-tune at a vanishing learning rate must end where it started: the teacher's pruned weights.
-    P.prune(teacher, 0.5, "frozen", finetune_images=8, lr=1e-12, workdir=str(tmp_path), **QUIET)
+    capsys.readouterr()
+    lines = []
+    P.prune(teacher, 0.5, "frozen", finetune_images=8, lr=1e-12, workdir=str(tmp_path), progress=False,
+            log=lines.append)
+    # Its log names the share removed (ADM at 0.5: exactly half), and the fine-tune logs to the same
+    # callable: nothing reaches stdout.
+    share = [float(m.group(1)) for m in map(re.compile(r"pruned (\d+\.\d)% of the conv channels").search, lines) if m]
+    assert share == [50.0] and len(lines) > 1 and capsys.readouterr().out == ""
     got = torch.load(tmp_path / "models" / "frozen" / "ckpt.pt", weights_only=True)["model_state_dict"]
     assert got.keys() == expected.keys()
     for k in expected:
@@ -499,3 +507,129 @@ def test_a_missing_compress_extra_fails_under_ci_and_skips_elsewhere(monkeypatch
     kind, message = outcome()
     assert kind is pytest.skip.Exception and "pip install -e .[compress]" in message
     assert _compress_extra("onnx") is onnx
+
+
+# --- found untested by the mutation run of prune.py (scripts/mutation.py) ---------------------------
+
+def _saved_checkpoint(path, cfg: Config, **extra) -> str:
+    """A ddpmkit checkpoint file with `cfg` and random weights (plus `extra` top-level keys)."""
+    state = model_from_config(cfg)[0].state_dict()
+    torch.save({"format_version": 1, "config": cfg.to_dict(), "model_state_dict": state, **extra}, path)
+    return str(path)
+
+
+def _small_config(**sections) -> Config:
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in ADM.items()}
+    cfg = Config(model=ModelConfig(**spec), data=Config().data.__class__(image_size=8, channels=1),
+                 diffusion=Config().diffusion.__class__(timesteps=20))
+    for name, fields in sections.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **fields))
+    return cfg
+
+
+def test_pruning_a_distilled_student_is_a_one_line_error(tmp_path, capsys):
+    student = _saved_checkpoint(tmp_path / "student.pt",
+                                _small_config(distill={"method": "progressive", "teacher": "t.pt", "steps": 4}))
+    assert main(["prune", "--ckpt", student, "--ratio", "0.5", "--run-name", "x", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a pixel-space diffusion model" in err
+    assert "student.pt" in err and "the teacher of a distilled one" in err
+    P._check_prunable(_small_config(), "teacher.pt")  # the same model, not distilled, is accepted
+
+
+def test_teacher_images_are_steps_times_batch_times_accumulation_times_processes():
+    cfg = _small_config(train={"batch_size": 8, "grad_accum": 3})
+    assert P.teacher_images({"global_step": 10, "world_size": 2}, cfg) == 480
+    assert P.teacher_images({"global_step": 10}, cfg) == 240   # one process unless recorded
+    assert P.teacher_images({}, cfg) == 0                      # no step recorded
+
+
+@pytest.mark.parametrize("extra, epochs", [({"global_step": 100, "world_size": 2}, 7), ({}, 1)])
+def test_the_default_fine_tune_is_a_tenth_of_the_teachers_images(extra, epochs, image_folder, tmp_path,
+                                                                  monkeypatch):
+    # 100 steps x 8 images x 2 processes = 1600 teacher images; a tenth, 160, of 24 images is 7 epochs.
+    # A teacher without a recorded step falls back to one epoch.
+    cfg = _small_config(data={"path": str(image_folder)}, train={"batch_size": 8})
+    teacher = _saved_checkpoint(tmp_path / "teacher.pt", cfg, **extra)
+    seen = {}
+    monkeypatch.setattr(P, "_pruned", lambda cfg, *a: (cfg, {}))
+    monkeypatch.setattr(train_module, "train", lambda cfg, stored, **kw: seen.update(cfg=cfg) or {})
+    P.prune(teacher, 0.5, "default", workdir=str(tmp_path), **QUIET)
+    assert seen["cfg"].train.epochs == seen["cfg"].train.sample_every_epochs == epochs
+
+
+def test_the_pruned_weights_are_the_teachers_ema_weights_when_it_has_them(one_torch_thread):
+    cfg = _small_config()
+    torch.manual_seed(1)
+    raw, ema = (model_from_config(cfg)[0].state_dict() for _ in range(2))
+    images = np.repeat(np.arange(200, dtype=np.uint8), 8 * 8).reshape(200, 8, 8, 1)
+    quiet = lambda *a: None  # noqa: E731
+    _, got = P._pruned(cfg, {"model_state_dict": raw, "ema_state_dict": ema}, "t.pt", 0.5,
+                       ImageData(images, "test"), quiet)
+    _, expected = P._pruned(cfg, {"model_state_dict": ema, "ema_state_dict": None}, "t.pt", 0.5,
+                            ImageData(images, "test"), quiet)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_a_level_exactly_at_the_threshold_is_summed_and_the_first_below_it_stops(monkeypatch):
+    # "Below 5% of the largest" is strict: L = 5% of 20 (exactly 1.0) is summed, then 0.5 stops the sum.
+    net = nn.Module()
+    net.w = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    errors = [20.0, P.TAYLOR_THRESHOLD * 20.0, 0.5, 30.0]
+    monkeypatch.setattr(P, "eps_error", lambda model, diffusion, x0, noise, level: model.w * errors[level])
+    assert P.accumulate_taylor_grads(net, None, torch.zeros(1, 1, 2, 2)) == errors[:2]
+    assert net.w.grad.item() == sum(errors[:2])
+
+
+def test_the_default_importance_noise_is_seed_0():
+    d = Diffusion(img_size=8, channels=1, prediction="eps")
+    net = GaussianVP(d.alpha_bar64, "eps", gain=1.05)
+    x0 = _gaussian_batch()
+    default = P.accumulate_taylor_grads(net, d, x0)
+    assert default == P.accumulate_taylor_grads(net, d, x0, seed=0) != P.accumulate_taylor_grads(net, d, x0, seed=1)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_learned_variance_teachers_eps_error_ignores_its_variance_half(prediction):
+    # Three channels, so the output's halves are 3 + 3 channels: the variance half (here constant 7)
+    # must not enter L_t, which equals the same teacher's without a variance output at every level.
+    x0 = MU + STD * torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6))
+    plain = Diffusion(img_size=8, channels=3, prediction=prediction)
+    learned = Diffusion(img_size=8, channels=3, prediction=prediction, learn_sigma=True)
+    net = GaussianVP(plain.alpha_bar64, prediction, gain=1.05).eval()  # no dropout
+    both = lambda x, t: torch.cat([net(x, t), torch.full_like(x, 7.0)], 1)  # noqa: E731
+    for level in (0, 7, 19):
+        assert P.eps_error(both, learned, x0, noise, level).item() == pytest.approx(
+            P.eps_error(net, plain, x0, noise, level).item(), rel=1e-6)
+
+
+class NormNet(nn.Module):
+    """1 -> 8 -> 1 channels through a GroupNorm of 4 groups (of 2 channels), with the time input unused."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inc, self.outc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+
+    def forward(self, x, t):
+        return self.outc(torch.nn.functional.silu(self.norm(self.inc(x))))
+
+
+def test_channels_through_a_group_norm_are_pruned_one_by_one_by_their_own_importance(one_torch_thread):
+    # Channels 0 and 1 have zero Taylor importance (zero gradient), all others a positive one: at R = 0.25
+    # exactly those two go, although they are one GroupNorm group. (Pruned in coupled groups, Torch-Pruning
+    # would average importance across groups and remove channels such as 4 or 5 along with 0 and 1.)
+    net = NormNet()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5), net.norm.bias.uniform_(-0.5, 0.5)
+    before = net.inc.weight.detach().clone()
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    for grad in (net.inc.weight.grad, net.inc.bias.grad, net.norm.weight.grad, net.norm.bias.grad):
+        grad[:2] = 0
+    net.outc.weight.grad[:, :2] = 0
+    P.prune_model(net, (torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), 0.25)
+    kept = [i for i in range(8) if any(torch.equal(before[i], w) for w in net.inc.weight.detach())]
+    assert kept == [2, 3, 4, 5, 6, 7] and net.norm.num_channels == 6 and 6 % net.norm.num_groups == 0
