@@ -240,7 +240,8 @@ def encode_images(ae: AutoencoderKL, images: np.ndarray, device, flip: bool = Fa
     """Posterior means of uint8 NHWC images (mirrored first when `flip`), float32 on the CPU."""
     out = []
     for start in range(0, len(images), batch):
-        x = to_model_range(torch.from_numpy(np.array(images[start:start + batch]))).to(device)  # a copy: the cache is read-only
+        rows = np.array(images[start:start + batch])  # a copy: a memory-mapped cache is read-only
+        x = to_model_range(torch.from_numpy(rows)).to(device)
         out.append(ae.encode(x.flip(3) if flip else x)[0].float().cpu())
     return torch.cat(out)
 
