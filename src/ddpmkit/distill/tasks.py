@@ -99,17 +99,14 @@ class ProgressiveTask(DistillTask):
         return self.start_steps // 2 ** (self.stage + 1)
 
     def make_loss(self, diffusion, cfg):
-        first = {}
-
         def state():
             """Stage 0 distils the teacher checkpoint, read with its own diffusion config (an eps teacher
             of a v student stays eps); later stages distil the previous student, read as the run's model."""
             if self.stage > 0:
                 return self.teacher, diffusion, self.steps_now()
-            if "diffusion" not in first:
-                first["diffusion"] = Diffusion.from_config(self.teacher_diffusion, diffusion.img_size,
-                                                           diffusion.channels, diffusion.device)
-            return self.teacher, first["diffusion"], self.steps_now()
+            first = Diffusion.from_config(self.teacher_diffusion, diffusion.img_size, diffusion.channels,
+                                          diffusion.device)
+            return self.teacher, first, self.steps_now()
 
         return ProgressiveLoss(diffusion, state)
 
@@ -161,8 +158,7 @@ class StudentTask(DistillTask):
             from ..train import resolve_device
 
             device = resolve_device(cfg.train.device)
-            # The pairs come from the teacher read with its own config (the student may predict v instead of eps).
-            model, diffusion = model_from_config(dataclasses.replace(cfg, diffusion=self.teacher_cfg.diffusion), device)
+            model, diffusion = model_from_config(self.teacher_cfg, device)  # read as the teacher (eps, ...)
             load_state(model, self.teacher_state, self.teacher_path, "teacher")
             denoiser = diffusion.denoiser(model.eval())
             channels = cfg.data.channels or 3
