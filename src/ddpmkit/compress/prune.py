@@ -23,12 +23,21 @@ Method (Fang et al. 2023, "Structural Pruning for Diffusion Models", "Diff-Pruni
   feed-forward's input and output), never inside -- the number of heads and their width stay
   as trained. The output convolution's output channels are never pruned.
 
+- The amount is what users count: `ratio_of="params"` (the default) or `"macs"` asks for that share
+  of the network's parameters or multiply-accumulates per image to go, and `prune_to_target`
+  bisects over the uniform channel ratio R, pruning copies, until the share removed is within
+  `TOLERANCE` of it (or as close as the layers' channel counts allow); `"channels"` is R itself.
+
 The pruned network's layer sizes go into the run's config (`model.pruned`, models/widths.py),
 so `load_model`, `ddpm sample/eval/export` rebuild it from the checkpoint alone. The fine-tune
-is an ordinary training run (`PruneTask`): resume, SIGTERM saves and EMA as in `ddpm train`.
+is an ordinary training run (`PruneTask`): resume, SIGTERM saves and EMA as in `ddpm train`. Its
+objective mixes the unpruned teacher's prediction into the target (`TeacherLoss`, the knowledge
+distillation of Diff-Pruning's reference code: 0.7 ||eps_teacher - eps_theta||^2 + 0.3 ||eps - eps_theta||^2),
+and its learning rate follows a cosine to 0 at the last planned step.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -40,8 +49,10 @@ from torch import nn
 
 from ..checkpoint import config_of, load_checkpoint, load_state, model_from_config
 from ..config import Config, validate
-from ..diffusion import EDMDenoiser, to_eps
+from ..diffusion import EDMDenoiser, target, to_eps
 from ..errors import DdpmError
+from ..guidance.cfg import LabelledNet
+from ..losses import EDMLoss, VPLoss
 from ..models import widths
 from ..models.adm import AttnBlock, ResBlock, norm_groups
 from ..models.unet import SelfAttention
@@ -55,6 +66,13 @@ DEFAULT_SHARE = 0.10        # default fine-tune: this share of the teacher's tra
 # Default fine-tune LR as a share of the teacher's. Measured (bench_compress, the 150k digits model
 # pruned 50%, 15k images, digits FD): 1e-3 (= the teacher's) 37.5, 3e-4 33.0, 1e-4 42.8.
 FINETUNE_LR_SHARE = 0.3
+# Weight of the teacher term in the fine-tune's loss (`TeacherLoss`): Diff-Pruning's reference code
+# (ddpm_exp/functions/losses.py, its --kd fine-tunes) uses 0.7 ||eps_T - eps||^2 + 0.3 ||eps - eps_theta||^2.
+DEFAULT_DISTILL_WEIGHT = 0.7
+RATIO_OF = ("params", "macs", "channels")  # what --ratio is a share of
+TOLERANCE = 0.01            # the share removed may miss a params / MACs target by this much (absolute)
+MAX_CHANNEL_RATIO = 0.95    # the search's upper end (Torch-Pruning's uniform ratio)
+SEARCH_STEPS = 24           # at most this many trial prunes per search
 
 
 # --- attention as one unit for Torch-Pruning ---------------------------------------------------
@@ -257,31 +275,210 @@ def channel_count(model: nn.Module) -> int:
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in fixed)
 
 
+def param_count(model: nn.Module) -> int:
+    """All parameters of `model` (the share `prune_to_target` removes with ratio_of="params")."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def mac_count(model: nn.Module, example: tuple) -> int:
+    """Multiply-accumulates of one call model(*example): torch.utils.flop_counter's FLOPs of every
+    convolution and matrix product (attention's included) over 2; norms and activations are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*example)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy that keeps the Taylor gradients (`copy.deepcopy` of a Parameter drops .grad)."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return twin
+
+
+@dataclasses.dataclass
+class Pruned:
+    """A pruned network and what was removed (before/after counts of one image's network call)."""
+
+    model: nn.Module
+    channel_ratio: float
+    params: tuple[int, int]
+    macs: tuple[int, int]
+
+    def removed(self, what: str) -> float:
+        before, after = self.params if what == "params" else self.macs
+        return 1 - after / before
+
+    def describe(self) -> str:
+        (p0, p1), (m0, m1) = self.params, self.macs
+        return (f"removed {self.removed('params'):.1%} of parameters ({(p0 - p1) / 1e6:.3f}M of {p0 / 1e6:.3f}M) "
+                f"and {self.removed('macs'):.1%} of MACs ({(m0 - m1) / 1e6:.1f}M of {m0 / 1e6:.1f}M per image) "
+                f"at channel ratio {self.channel_ratio:.3f}")
+
+
+def prune_to_target(model: nn.Module, example: tuple, ratio: float, ratio_of: str = "params",
+                    log: Callable = print) -> Pruned:
+    """Prune a copy of `model` (Taylor gradients in .grad) so that `ratio` of its `ratio_of` goes.
+
+    "channels": Torch-Pruning's uniform channel ratio R = `ratio`. "params" / "macs": the share of
+    parameters / of MACs per image (`mac_count` of `example`) removed grows with R, so R is found by
+    bisection on [0, MAX_CHANNEL_RATIO], starting from the guess 1 - sqrt(1 - ratio) (a convolution's
+    cost scales with in x out channels), until the share is within TOLERANCE of `ratio`. Channels go in
+    whole numbers per layer, so the share is a step function of R; when no step lands within
+    TOLERANCE, the closest one tried is taken and a note logged. A trial whose share is smaller than
+    at a lower R counts as too high an R (near R = 0.9 Torch-Pruning can remove less than at a lower R:
+    seen on layers of 8 and 16 channels). `model` itself is not changed.
+    """
+    one = tuple(x[:1] for x in example)  # MACs per image
+    p0, m0 = param_count(model), mac_count(model, one)
+
+    def trial(r: float) -> Pruned:
+        twin = prune_model(_copy_with_grads(model), example, r)
+        return Pruned(twin, r, (p0, param_count(twin)), (m0, mac_count(twin, one)))
+
+    if ratio_of == "channels":
+        return trial(ratio)
+    lo, lo_share, hi = 0.0, 0.0, MAX_CHANNEL_RATIO
+    r, best = min(1 - math.sqrt(1 - ratio), MAX_CHANNEL_RATIO), None
+    for _ in range(SEARCH_STEPS):
+        got = trial(r)
+        share = got.removed(ratio_of)
+        if best is None or abs(share - ratio) < abs(best.removed(ratio_of) - ratio):
+            best = got
+        if abs(share - ratio) <= TOLERANCE:
+            break
+        if share < ratio and share >= lo_share:
+            lo, lo_share = r, share
+        else:
+            hi = r
+        if hi - lo < 1e-3:
+            break
+        r = (lo + hi) / 2
+    if abs(best.removed(ratio_of) - ratio) > TOLERANCE:
+        log(f"note: the closest share of {ratio_of} that whole channels allow is {best.removed(ratio_of):.1%} "
+            f"(asked: {ratio:.1%})")
+    return best
+
+
 # --- the fine-tune as a training run --------------------------------------------------------------
 
+class TeacherLoss:
+    """The fine-tune's objective: the model's own loss with part of its regression target replaced by
+    the unpruned teacher's output at the same input (knowledge distillation in the output space).
+
+    Diff-Pruning's reference code fine-tunes an eps network with 0.7 ||eps_T(x_t, t) - eps_theta(x_t, t)||^2
+    + 0.3 ||eps - eps_theta(x_t, t)||^2 (ddpm_exp/functions/losses.py, noise_estimation_kd_loss). Here,
+    with W = `weight`, per sample:
+
+        VP:  w(t) [W |out - out_T|^2 + (1 - W) |out - target|^2]       (losses.VPLoss: out in the model's
+             own eps / x0 / v space, w(t) its weighting such as min-SNR; Ho et al. 2020, Eq. 14)
+        EDM: lambda(sigma) [W |D - D_T|^2 + (1 - W) |D - x0|^2]         (losses.EDMLoss, Karras et al. 2022, Eq. 8)
+
+    so for an eps model it is exactly the reference's mixture. A learned variance (Nichol & Dhariwal 2021)
+    keeps (1 - W) of its L_vlb term and gets W |v - v_T|^2 on the variance channels. The teacher runs in
+    eval mode without gradients (no dropout), on the same x_t, t (and class labels); the student as in
+    training. W = 0 is the base loss itself.
+    """
+
+    def __init__(self, base: VPLoss | EDMLoss, teacher: nn.Module | None, weight: float):
+        self.base, self.teacher, self.weight = base, teacher, weight
+        self.draw = base.draw
+
+    def _teacher(self, net: nn.Module) -> nn.Module:
+        return LabelledNet(self.teacher, net.labels) if isinstance(net, LabelledNet) else self.teacher
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, draws=None) -> torch.Tensor:
+        if self.weight == 0:
+            return self.base(net, x0, draws)
+        draws = self.draw(x0.shape[0], x0) if draws is None else draws
+        w = self.weight
+        if isinstance(self.base, EDMLoss):
+            b, sigma = self.base, draws["sigma"]
+            lam = (sigma**2 + b.sigma_data**2) / (sigma * b.sigma_data) ** 2
+            x = x0 + sigma.view(-1, 1, 1, 1) * draws["noise"]
+            d = EDMDenoiser(net, b.sigma_data)(x, sigma)
+            with torch.no_grad():
+                d_teacher = EDMDenoiser(self._teacher(net), b.sigma_data)(x, sigma)
+            mse = lambda u, v: ((u - v) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+            return lam * (w * mse(d, d_teacher) + (1 - w) * mse(d, x0))
+        b = self.base
+        tab = b._tables(x0.device)
+        t, eps = draws["t"], draws["eps"]
+        ab = tab["alpha_bar"][t]
+        a, s = ab.sqrt().view(-1, 1, 1, 1), (1 - ab).sqrt().view(-1, 1, 1, 1)
+        x_t = a * x0 + s * eps
+        out = net(x_t, t).float()
+        with torch.no_grad():
+            ref = self._teacher(net)(x_t, t).float()
+        if b.learn_sigma:
+            (out, var_out), (ref, var_ref) = out.chunk(2, dim=1), ref.chunk(2, dim=1)
+        mse = lambda u, v: ((u - v) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+        loss = b.weight(ab) * (w * mse(out, ref) + (1 - w) * mse(out, target(b.prediction, x0, eps, a, s)))
+        if b.learn_sigma:
+            vlb = b.vlb_weight * len(tab["alpha_bar"]) * b.vlb_term(x0, x_t, t, out.detach(), var_out)
+            loss = loss + (1 - w) * vlb + w * mse(var_out, var_ref)
+        return loss
+
+
+def teacher_weights(ckpt: dict) -> dict:
+    """The weights a checkpoint teaches and is pruned from: its EMA weights, else its raw ones."""
+    return ckpt["ema_state_dict"] if ckpt.get("ema_state_dict") is not None else ckpt["model_state_dict"]
+
+
 class PruneTask(Task):
-    """`ddpm prune`'s fine-tune: the ordinary diffusion loss on the teacher's data, starting from
-    the pruned weights (a resumed run gets its weights from its checkpoint instead)."""
+    """`ddpm prune`'s fine-tune: `TeacherLoss` on the teacher's data, starting from the pruned weights
+    (a resumed run gets its weights from its checkpoint instead). `record` (ratio, what it is a share of,
+    the channel ratio, the shares removed, the distill weight) goes into the checkpoint's task_state."""
 
     command = "ddpm prune"
 
-    def __init__(self, pruned_state: dict | None, ratio: float, teacher: str):
-        self.pruned_state, self.ratio, self.teacher = pruned_state, ratio, teacher
+    def __init__(self, teacher_path: str, teacher_cfg: Config, teacher_state: dict, record: dict | None = None,
+                 pruned_state: dict | None = None):
+        self.teacher_path, self.teacher_cfg, self.teacher_state = teacher_path, teacher_cfg, teacher_state
+        self.record, self.pruned_state = dict(record or {}), pruned_state
+        self.teacher: nn.Module | None = None
+        self._data = None
+
+    def data(self, cfg: Config, log: Callable):
+        if self._data is None:
+            self._data = super().data(cfg, log)
+        return self._data
 
     def build(self, cfg: Config, device: torch.device):
         model, diffusion = super().build(cfg, device)
         if self.pruned_state is not None:
-            load_state(model, self.pruned_state, self.teacher, "pruned")
+            load_state(model, self.pruned_state, self.teacher_path, "pruned")
+        if self.record.get("distill_weight", 0.0) > 0:
+            teacher = model_from_config(self.teacher_cfg, device)[0]
+            load_state(teacher, self.teacher_state, self.teacher_path, "teacher")
+            self.teacher = teacher.eval().requires_grad_(False)
         return model, diffusion
 
+    def make_loss(self, diffusion, cfg: Config):
+        return TeacherLoss(super().make_loss(diffusion, cfg), self.teacher, self.record.get("distill_weight", 0.0))
+
     def extra_state(self) -> dict:
-        return {"method": "prune", "ratio": self.ratio, "teacher": self.teacher}
+        return {"method": "prune", "teacher": self.teacher_path, **self.record}
 
 
-def check_input(path: str | Path, ratio: float) -> None:
-    """One-line errors for a ratio outside (0, 1) and for an input that `ddpm quantize` wrote."""
+def check_input(path: str | Path, ratio: float, ratio_of: str = "params", distill_weight: float | None = None) -> None:
+    """One-line errors for a ratio outside (0, 1), an unknown --ratio-of, a distill weight outside [0, 1],
+    and an input that `ddpm quantize` wrote."""
+    if ratio_of not in RATIO_OF:
+        raise DdpmError(f"--ratio-of must be one of {', '.join(RATIO_OF)}, got {ratio_of!r}")
     if not (0.0 < ratio < 1.0):
-        raise DdpmError(f"--ratio must lie strictly between 0 and 1 (the share of channels to remove), got {ratio}")
+        what = {"params": "parameters", "macs": "MACs per image", "channels": "channels"}[ratio_of]
+        raise DdpmError(f"--ratio must lie strictly between 0 and 1 (the share of {what} to remove), got {ratio}")
+    if distill_weight is not None and not (0.0 <= distill_weight <= 1.0):
+        raise DdpmError(f"--distill-weight must lie in [0, 1] (the teacher's share of the fine-tune target), "
+                        f"got {distill_weight}")
     from .quantize import is_quantized
 
     if is_quantized(path):
@@ -304,53 +501,83 @@ def teacher_images(ckpt: dict, cfg: Config) -> int:
     return int(ckpt.get("global_step", 0)) * t.batch_size * t.grad_accum * int(ckpt.get("world_size", 1))
 
 
-def _pruned(teacher: Config, ckpt: dict, path: str, ratio: float, data, log: Callable) -> tuple[Config, dict]:
-    """(config with model.pruned, pruned weights) of the teacher's EMA (else raw) weights."""
+def _pruned(teacher: Config, ckpt: dict, path: str, ratio: float, data, log: Callable,
+            ratio_of: str = "channels") -> tuple[Config, dict, Pruned]:
+    """(config with model.pruned, pruned weights, the prune's figures) of the teacher's EMA (else raw) weights."""
     torch.manual_seed(teacher.train.seed)
     model, diffusion = model_from_config(teacher)
-    key = "ema_state_dict" if ckpt.get("ema_state_dict") is not None else "model_state_dict"
-    load_state(model, ckpt[key], path)
-    before, params = channel_count(model), sum(p.numel() for p in model.parameters())
+    load_state(model, teacher_weights(ckpt), path)
     x0 = importance_batch(data.images, teacher.train.seed)
     losses = accumulate_taylor_grads(model, diffusion, x0, teacher.train.seed)
     t = torch.zeros(2, dtype=torch.long)
-    prune_model(model.eval(), (x0[:2], t), ratio)
-    entries = widths.record(model, model_from_config(teacher)[0])
+    result = prune_to_target(model.eval(), (x0[:2], t), ratio, ratio_of, log)
+    entries = widths.record(result.model, model_from_config(teacher)[0])
     cfg = dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, pruned=entries))
-    log(f"pruned {1 - channel_count(model) / before:.1%} of the conv channels "
-        f"({params / 1e6:.2f}M -> {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"Taylor importance of the eps error over {len(losses)} of {TAYLOR_LEVELS} noise levels)")
-    return cfg, model.state_dict()
+    log(f"{result.describe()}; Taylor importance of the eps error over {len(losses)} of {TAYLOR_LEVELS} noise levels")
+    return cfg, result.model.state_dict(), result
+
+
+def _resumed_record(stored: dict, ratio: float, ratio_of: str, distill_weight: float | None, path) -> dict:
+    """The stored run's task record; a one-line error when the call asks for another amount or weight.
+    A run from before these options pruned a channel ratio and fine-tuned without a teacher."""
+    record = {k: v for k, v in (stored.get("task_state") or {}).items() if k not in ("method", "teacher")}
+    record.setdefault("ratio_of", "channels")
+    record.setdefault("distill_weight", 0.0)
+    if (record.get("ratio"), record["ratio_of"]) != (ratio, ratio_of):
+        raise DdpmError(f"run at {path} was pruned with --ratio {record.get('ratio')} --ratio-of {record['ratio_of']}; "
+                        "repeat those to resume it, or pick another --run-name")
+    if distill_weight is not None and distill_weight != record["distill_weight"]:
+        raise DdpmError(f"run at {path} fine-tunes with --distill-weight {record['distill_weight']}; drop the option "
+                        "or repeat that value to resume it, or pick another --run-name")
+    return record
 
 
 def prune(ckpt_path: str, ratio: float, run_name: str, finetune_images: int | None = None,
           batch_size: int | None = None, lr: float | None = None, device: str | None = None,
-          workdir: str = ".", log: Callable = print, progress: bool = True) -> dict:
-    """Prune `ckpt_path` at `ratio` and fine-tune it into WORKDIR/models/RUN_NAME/ckpt.pt (resumes a run that exists)."""
+          workdir: str = ".", log: Callable = print, progress: bool = True, ratio_of: str = "params",
+          distill_weight: float | None = None, lr_schedule: str | None = None,
+          warmup_steps: int | None = None) -> dict:
+    """Prune `ckpt_path` so that `ratio` of its `ratio_of` goes, and fine-tune it into
+    WORKDIR/models/RUN_NAME/ckpt.pt (resumes a run that exists).
+
+    distill_weight: the teacher's share W of the fine-tune target (`TeacherLoss`; default
+    DEFAULT_DISTILL_WEIGHT, a resumed run keeps its own). lr_schedule / warmup_steps: cosine (default)
+    or constant after a linear warm-up of that many steps (default 0); a resumed run keeps its own
+    unless given. The fine-tune covers `finetune_images` rounded up to whole epochs, and the cosine
+    reaches 0 at its last step. A larger `finetune_images` on a finished or stopped run continues it
+    with the cosine stretched over the new length: at step k of N planned steps the rate is the
+    schedule's value at k / N, so it rises again to the longer schedule's level and decays to 0 at
+    the new end (as `ddpm train` does when --epochs grows).
+    """
     from ..runlock import RunLock
     from ..train import RunPaths, train
 
-    check_input(ckpt_path, ratio)
+    check_input(ckpt_path, ratio, ratio_of, distill_weight)
     require("torch_pruning", "ddpm prune")
     ckpt = load_checkpoint(ckpt_path)
     teacher = config_of(ckpt, ckpt_path)
     _check_prunable(teacher, ckpt_path)
     lr = FINETUNE_LR_SHARE * teacher.train.lr if lr is None else lr
     given = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("device", device)) if v is not None}
-    # A constant LR, whatever the teacher's schedule: the fine-tune's length is open-ended (a
-    # larger --finetune-images continues it), and a decay would restart part-way when it grows.
-    run = dict(run_name=run_name, workdir=workdir, warmup_steps=0, lr_schedule="constant", eval_every_steps=0,
-               **given)
+    run = dict(run_name=run_name, workdir=workdir, eval_every_steps=0, lr_schedule=lr_schedule or "cosine",
+               warmup_steps=warmup_steps or 0, **given)
     cfg = validate(dataclasses.replace(teacher, train=dataclasses.replace(teacher.train, **run)))
     path = RunPaths.of(cfg).ckpt
     with RunLock(path.parent, run_name):
-        task = PruneTask(None, ratio, str(ckpt_path))
+        task = PruneTask(str(ckpt_path), teacher, teacher_weights(ckpt))
         data = task.data(cfg, log)
         stored = load_checkpoint(path) if path.exists() else None
         if stored is not None:
-            cfg = validate(dataclasses.replace(config_of(stored, path), train=cfg.train))
+            task.record = _resumed_record(stored, ratio, ratio_of, distill_weight, path)
+            own = config_of(stored, path).train
+            keep = {"lr_schedule": lr_schedule or own.lr_schedule,
+                    "warmup_steps": own.warmup_steps if warmup_steps is None else warmup_steps}
+            cfg = validate(dataclasses.replace(config_of(stored, path), train=dataclasses.replace(cfg.train, **keep)))
         else:
-            cfg, task.pruned_state = _pruned(cfg, ckpt, str(ckpt_path), ratio, data, log)
+            cfg, task.pruned_state, result = _pruned(cfg, ckpt, str(ckpt_path), ratio, data, log, ratio_of)
+            task.record = {"ratio": ratio, "ratio_of": ratio_of, "channel_ratio": result.channel_ratio,
+                           "params_removed": result.removed("params"), "macs_removed": result.removed("macs"),
+                           "distill_weight": DEFAULT_DISTILL_WEIGHT if distill_weight is None else distill_weight}
         images = finetune_images or round(DEFAULT_SHARE * teacher_images(ckpt, teacher)) or len(data)
         epochs = max(1, math.ceil(images / len(data)))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, sample_every_epochs=epochs))
