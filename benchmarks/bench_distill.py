@@ -1,12 +1,16 @@
-"""Few-step students of one teacher (issue 11): FID, NFE, sampling time for 1000 images, distillation time.
+"""Few-step students of one teacher: FID, NFE, sampling time for 1000 images, distillation cost.
 
 Rows: the teacher at DPM-Solver++(2M) 4 / 8 / 20 NFE and ancestral DDPM with all T steps; the
 progressive students at 8 / 4 / 2 / 1 steps (one run halving from --start-steps to 1: its
 steps{N}.pt snapshots and final ckpt.pt); the one-step student (Luhman & Luhman); consistency
-tuning sampled with 1 and 2 steps. FID is ddpmkit's scoring (`ddpm eval`'s code) with the
-extractor and n printed in the table; randconv FIDs are not comparable to published values.
+tuning sampled with 1 and 2 steps; SFD students (Zhou et al. 2024) at each of --sfd-steps. FID is
+ddpmkit's scoring (`ddpm eval`'s code) with the extractor and n printed in the table; randconv
+FIDs are not comparable to published values. Each distilled row also gives the wall time and the
+training images (optimizer steps x batch; SFD: noise samples) of the run that made it, next to
+the teacher's own training images, read from its checkpoint.
 
-    python benchmarks/bench_distill.py --teacher models/digits/ckpt.pt --ref builtin:digits -n 2000
+    python benchmarks/bench_distill.py --teacher models/digits/ckpt.pt --ref builtin:digits -n 2000 \
+        --per-stage-images 40000 --images 100000
     python benchmarks/bench_distill.py --smoke      # a tiny teacher and budgets: checks the script only
 """
 from __future__ import annotations
@@ -24,7 +28,15 @@ from ddpmkit.distill import distill
 from ddpmkit.samplers import nfe
 
 
-def _row(name, ckpt, sampler, steps, args, real, extractor, distill_s, n=None):
+def trained_images(ckpt_path) -> int:
+    """Images a run trained on: optimizer steps x batch x gradient accumulation x processes (each
+    epoch's last batch may be smaller, so this can exceed the true count by under one batch an epoch)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    t = ckpt["config"]["train"]
+    return int(ckpt["global_step"]) * int(t["batch_size"]) * int(t.get("grad_accum", 1)) * int(ckpt.get("world_size", 1))
+
+
+def _row(name, ckpt, sampler, steps, args, real, extractor, distill_s, n=None, distill_images=None):
     """FID of n samples; the sampling time of those same samples (features excluded), scaled to 1000."""
     model, diffusion, _ = load_model(ckpt, args.device)
     n = n or args.n
@@ -40,7 +52,8 @@ def _row(name, ckpt, sampler, steps, args, real, extractor, distill_s, n=None):
     if args.scorer is not None:  # bench_quality's digit-classifier FD on the same samples
         digits = args.scorer(torch.cat(images).cpu()[:, 0].numpy())["fd"]  # sample() gives uint8 already
     return {"row": name, "sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "fid": fid, "n": n,
-            "digits_fd": digits, "sample_1000_s": seconds * 1000 / n, "distill_s": distill_s}
+            "digits_fd": digits, "sample_1000_s": seconds * 1000 / n, "distill_s": distill_s,
+            "distill_images": distill_images}
 
 
 def _tiny_teacher(workdir: Path) -> str:
@@ -64,8 +77,16 @@ def main() -> None:
     p.add_argument("--n-ddpm", type=int, default=200,
                    help="samples for the teacher's T-step DDPM row (its FID is biased up at small n)")
     p.add_argument("--extractor", default="randconv", choices=("randconv", "inception", "auto"))
-    p.add_argument("--images", type=int, default=None, help="distillation budget (see ddpm distill --images)")
-    p.add_argument("--pairs", type=int, default=5000, help="teacher pairs for the one-step student")
+    p.add_argument("--images", type=int, default=None, help="distillation budget of the student, consistency and "
+                   "sfd runs (default: ddpm distill's per method)")
+    p.add_argument("--per-stage-images", type=int, default=None, help="progressive: training images per halving "
+                   "(default: --images, else ddpm distill's)")
+    p.add_argument("--pairs", type=int, default=None, help="teacher pairs for the one-step student (default: "
+                   "ddpm distill's, --images / 5)")
+    p.add_argument("--sfd-steps", type=int, nargs="+", default=[4, 2], help="an SFD student for each of these "
+                   "step counts (default: 4 2)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="sfd: teacher solver steps per student step "
+                   "(default: ddpm distill's)")
     p.add_argument("--start-steps", type=int, default=64, help="progressive: teacher DDIM steps to halve from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +105,7 @@ def main() -> None:
     work = Path(args.workdir)
     if args.smoke:
         args.n, args.n_ddpm, args.images, args.pairs, args.start_steps = 64, 16, 64, 64, 16
+        args.per_stage_images = args.per_stage_images or 64
         args.teacher = _tiny_teacher(work)
     if not args.teacher:
         p.error("--teacher is required (or --smoke)")
@@ -91,41 +113,54 @@ def main() -> None:
     extractor = scoring.make_extractor(args.extractor, None, args.device)
     real = scoring.reference_stats(args.ref, tcfg.data.image_size, tcfg.data.channels, extractor,
                                    work / "ref_cache", args.batch_size)
-    common = dict(workdir=str(work), batch_size=args.batch_size, device=args.device, images=args.images,
-                  progress=False)
+    common = dict(workdir=str(work), batch_size=args.batch_size, device=args.device, progress=False)
+    teacher_images = trained_images(args.teacher)
 
-    def run(method, name, **kw):
+    def run(method, name, images=args.images, **kw):
+        """(wall seconds, training images) of one distillation run (resumed runs: this call's time only)."""
         start = time.perf_counter()
-        distill(args.teacher, method, name, **common, **kw)
-        return time.perf_counter() - start
+        summary = distill(args.teacher, method, name, images=images, **common, **kw)
+        return time.perf_counter() - start, trained_images(summary["ckpt"])
 
     rows = [_row(f"teacher dpm++2m {k}", args.teacher, "dpm++2m", k, args, real, extractor, None) for k in (4, 8, 20)]
     T = tcfg.diffusion.timesteps
     rows.append(_row(f"teacher ddpm {T}", args.teacher, "ddpm", T, args, real, extractor, None, n=args.n_ddpm))
-    t_prog = run("progressive", "prog", steps=1, start_steps_=args.start_steps)
+    t_prog, i_prog = run("progressive", "prog", images=args.per_stage_images or args.images, steps=1,
+                         start_steps_=args.start_steps)
     for k in (8, 4, 2):
         snap = work / "models" / "prog" / f"steps{k}.pt"
         if snap.exists():
-            rows.append(_row(f"progressive {k}", snap, "progressive", k, args, real, extractor, t_prog))
+            rows.append(_row(f"progressive {k}", snap, "progressive", k, args, real, extractor, t_prog,
+                             distill_images=i_prog))
     rows.append(_row("progressive 1", work / "models" / "prog" / "ckpt.pt", "progressive", 1, args, real, extractor,
-                     t_prog))
-    t_student = run("student", "student", pairs=args.pairs)
+                     t_prog, distill_images=i_prog))
+    t_student, i_student = run("student", "student", pairs=args.pairs)
     rows.append(_row("one-step student", work / "models" / "student" / "ckpt.pt", "ddim", 1, args, real, extractor,
-                     t_student))
-    t_ct = run("consistency", "ct", steps=2)
+                     t_student, distill_images=i_student))
+    t_ct, i_ct = run("consistency", "ct", steps=2)
     for k in (1, 2):
         rows.append(_row(f"consistency {k}", work / "models" / "ct" / "ckpt.pt", "consistency", k, args, real,
-                         extractor, t_ct))
+                         extractor, t_ct, distill_images=i_ct))
+    for k in args.sfd_steps:
+        t_sfd, i_sfd = run("sfd", f"sfd{k}", steps=k, teacher_steps=args.teacher_steps)
+        rows.append(_row(f"sfd {k}", work / "models" / f"sfd{k}" / "ckpt.pt", "progressive", k, args, real,
+                         extractor, t_sfd, distill_images=i_sfd))
     print(f"FID: {extractor.name}, n={args.n} vs {args.ref}; sampling time: the FID samples' own, scaled to 1000 "
-          f"images, on {args.device}; distill_s = the whole run that made the row (progressive: all stages to 1 step)")
-    print("| row | NFE | n | FID | digits FD | s / 1000 img | distill s |")
-    print("|---|---|---|---|---|---|---|")
+          f"images, on {args.device}; distill s / images: the whole run that made the row (progressive: all stages "
+          f"to 1 step; images = optimizer steps x batch, sfd: noise samples); the teacher trained on "
+          f"{teacher_images:,} images")
+    print("| row | NFE | n | FID | digits FD | s / 1000 img | distill s | distill images | x teacher images |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = "" if r["distill_s"] is None else f"{r['distill_s']:.0f}"
+        im = "" if r["distill_images"] is None else f"{r['distill_images']:,}"
+        share = "" if r["distill_images"] is None else f"{r['distill_images'] / teacher_images:.3f}"
         fd = "-" if r["digits_fd"] is None else f"{r['digits_fd']:.2f}"
-        print(f"| {r['row']} | {r['nfe']} | {r['n']} | {r['fid']:.4g} | {fd} | {r['sample_1000_s']:.2f} | {d} |")
+        print(f"| {r['row']} | {r['nfe']} | {r['n']} | {r['fid']:.4g} | {fd} | {r['sample_1000_s']:.2f} | {d} | "
+              f"{im} | {share} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"extractor": extractor.name, "n": args.n, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"extractor": extractor.name, "n": args.n, "teacher": args.teacher,
+                                               "teacher_images": teacher_images, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""ddpm distill: the progressive target, the consistency boundary condition, the pair file, and
-each method end to end on a tiny teacher (sample, export, eval from the student), with resume."""
+"""ddpm distill: the progressive target, the consistency boundary condition, the pair file, the
+annealed learning rate, and each method end to end on a tiny teacher (sample, export, eval from
+the student), with resume. SFD's own tests are in test_sfd.py."""
 import dataclasses
 import json
 import os
@@ -472,21 +473,27 @@ def test_distill_cli_passes_its_flags_and_defaults_to_distill(monkeypatch, capsy
     assert main(["distill", "--teacher", "t.pt", "--method", "progressive", "--run-name", "r"]) == 0
     assert seen[-1] == (("t.pt", "progressive", "r"), {
         "steps": None, "images": None, "batch_size": None, "lr": None, "device": None, "workdir": ".",
-        "pairs": None, "start_steps_": None, "prediction": "auto", "progress": True})
+        "pairs": None, "start_steps_": None, "prediction": "auto", "teacher_sampler": None, "teacher_steps": None,
+        "progress": True})
     assert "done: 7 steps; student checkpoint models/r/ckpt.pt" in capsys.readouterr().out
     assert main(["distill", "--teacher", "t.pt", "--method", "student", "--run-name", "s", "--steps", "1",
                  "--images", "16", "--pairs", "5", "--start-steps", "8", "--prediction", "x0", "--batch-size", "4",
                  "--lr", "0.001", "--device", "cpu", "--workdir", "w", "--no-progress"]) == 0
     assert seen[-1] == (("t.pt", "student", "s"), {
         "steps": 1, "images": 16, "batch_size": 4, "lr": 0.001, "device": "cpu", "workdir": "w",
-        "pairs": 5, "start_steps_": 8, "prediction": "x0", "progress": False})
+        "pairs": 5, "start_steps_": 8, "prediction": "x0", "teacher_sampler": None, "teacher_steps": None,
+        "progress": False})
+    assert main(["distill", "--teacher", "t.pt", "--method", "sfd", "--run-name", "f", "--teacher-sampler", "heun",
+                 "--teacher-steps", "3"]) == 0
+    assert (seen[-1][1]["teacher_sampler"], seen[-1][1]["teacher_steps"]) == ("heun", 3)
     assert "done: 7 steps" in capsys.readouterr().out
     summary["status"] = "stopped"  # a stopped run (SIGTERM) has no "done" line
     assert main(["distill", "--teacher", "t.pt", "--method", "consistency", "--run-name", "c"]) == 0
     assert "done:" not in capsys.readouterr().out
     n = len(seen)
     for bad in (["--steps", "0"], ["--images", "0"], ["--pairs", "0"], ["--start-steps", "0"],
-                ["--start-steps", "x"], ["--prediction", "z"], ["--batch-size", "0"]):
+                ["--start-steps", "x"], ["--prediction", "z"], ["--batch-size", "0"], ["--teacher-steps", "0"],
+                ["--teacher-sampler", "ddpm"]):
         with pytest.raises(SystemExit) as exc:
             main(["distill", "--teacher", "t.pt", "--method", "progressive", "--run-name", "r", *bad])
         assert exc.value.code == 2, bad
@@ -496,18 +503,21 @@ def test_distill_cli_passes_its_flags_and_defaults_to_distill(monkeypatch, capsy
 
 
 def test_distill_help_describes_every_flag_and_the_defaults_the_code_uses():
-    from ddpmkit.distill import DEFAULT_IMAGES, DEFAULT_STEPS, MAX_START_STEPS
+    from ddpmkit.distill import DEFAULT_IMAGES, DEFAULT_STEPS, MAX_START_STEPS, PAIR_EPOCHS
+    from ddpmkit.distill.sfd import DEFAULT_TEACHER_SAMPLER, DEFAULT_TEACHER_STEPS
 
     p = _distill_parser()
     flags = {a.option_strings[0]: a for a in p._actions if a.option_strings and a.option_strings[0] != "-h"}
     assert {"--teacher", "--method", "--run-name", "--steps", "--images", "--pairs", "--start-steps",
-            "--prediction"} <= set(flags)
+            "--prediction", "--teacher-sampler", "--teacher-steps"} <= set(flags)
     for name, action in flags.items():
         assert action.help and action.help.strip(), name
     listed = lambda table: ", ".join(f"{m} {n}" for m, n in table.items())
     assert listed(DEFAULT_STEPS) in flags["--steps"].help
     assert listed(DEFAULT_IMAGES) in flags["--images"].help
-    assert "2000" in flags["--pairs"].help  # _task's default pair count
+    assert f"--images / {PAIR_EPOCHS}" in flags["--pairs"].help  # _task's default pair count
+    assert f"default {DEFAULT_TEACHER_SAMPLER}" in flags["--teacher-sampler"].help
+    assert f"default {DEFAULT_TEACHER_STEPS}" in flags["--teacher-steps"].help
     assert str(MAX_START_STEPS) in flags["--start-steps"].help
     assert "default auto" in flags["--prediction"].help and flags["--prediction"].default == "auto"
 
@@ -783,7 +793,9 @@ def test_task_state_round_trips_the_student_pair_count_and_plans_epochs_for_the_
     assert task.extra_state() == {"method": "student", "teacher": "t.pt", "pairs": 5}
     assert task.pairs_path == tmp_path / "models" / "r" / "pairs.npy"
     assert _task("student", "t.pt", cfg, {}, 24, cfg, {"task_state": task.extra_state()}, None, 9, print).pairs == 5
-    assert _task("student", "t.pt", cfg, {}, 24, cfg, None, None, None, print).pairs == 2000
+    # By default a few passes over the pairs: 24 images, 5 passes -> 5 pairs; 50,000 -> 10,000.
+    assert _task("student", "t.pt", cfg, {}, 24, cfg, None, None, None, print).pairs == 5
+    assert _task("student", "t.pt", cfg, {}, 50000, cfg, None, None, None, print).pairs == 10000
     assert [task.plan(n, 8) for n in (3, 2, 1)] == [1, 2, 3]  # ceil(ceil(24 / 8) / n) epochs
     assert _task("student", "t.pt", cfg, {}, 25, cfg, None, None, 5, print).plan(3, 8) == 2
 
@@ -797,8 +809,9 @@ class FakeTrainer:
         self.cfg, self.sampled = cfg, []
         self.paths = SimpleNamespace(results=results)
         self.ctx = SimpleNamespace(is_main=False)
-        self.state = SimpleNamespace(step=step, model=torch.nn.Linear(2, 2),
-                                     ema=SimpleNamespace(model=torch.nn.Linear(2, 2)))
+        model = torch.nn.Linear(2, 2)
+        self.state = SimpleNamespace(step=step, model=model, ema=SimpleNamespace(model=torch.nn.Linear(2, 2)),
+                                     opt=torch.optim.SGD(model.parameters(), lr=cfg.train.lr))
         self.diffusion = SimpleNamespace(
             sample=lambda model, n, **kw: self.sampled.append(kw) or torch.zeros(n, 3, 4, 4))
 
@@ -814,7 +827,7 @@ def test_progressive_grids_use_the_current_stage_steps_and_a_stage_switch_hands_
     cfg.distill = DistillConfig(method="progressive", steps=2, sampler="progressive")
     logs = []
     task = ProgressiveTask("t.pt", {}, 16, 8, 2, cfg.diffusion, logs.append)
-    task.per_stage, task.teacher = 3, torch.nn.Linear(2, 2)
+    task.per_stage, task.teacher, task.run_steps = 3, torch.nn.Linear(2, 2), 6
     trainer = FakeTrainer(cfg, tmp_path, step=2)
     task.grid(trainer, "a")
     assert (trainer.sampled[-1]["sampler"], trainer.sampled[-1]["steps"]) == ("progressive", 4)
@@ -828,3 +841,43 @@ def test_progressive_grids_use_the_current_stage_steps_and_a_stage_switch_hands_
                                                     trainer.state.model.state_dict().values()))
     task.grid(trainer, "b")
     assert trainer.sampled[-1]["steps"] == 2 and (tmp_path / "b.jpg").is_file()
+
+
+# --- the learning rate: linear to 0 over the run, and within each progressive stage ---------------
+
+def test_lr_factor_is_linear_to_zero_per_stage_and_over_the_run():
+    from ddpmkit.distill.tasks import ConsistencyTask, ProgressiveTask
+
+    cfg = _tiny_teacher_config()
+    task = ProgressiveTask("t.pt", {}, 16, 8, 2, cfg.diffusion)
+    task.per_stage, task.run_steps = 3, 7  # the last stage takes the step that does not divide evenly
+    assert [task.lr_factor(k) for k in range(7)] == pytest.approx([1, 2 / 3, 1 / 3, 1, 3 / 4, 2 / 4, 1 / 4])
+    assert task.lr_factor(7) == 0  # after the last step
+    run = ConsistencyTask("t.pt", {}, 16)
+    run.run_steps = 4
+    assert [run.lr_factor(k) for k in range(5)] == pytest.approx([1, 3 / 4, 2 / 4, 1 / 4, 0])
+
+
+def _lr_of_each_step(monkeypatch):
+    """The learning rate every AdamW step of this process uses, in order."""
+    seen, real = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+@pytest.mark.parametrize("method,kw,spans", [
+    ("progressive", {"steps": 2, "start_steps_": 8, "images": 24}, [3, 3]),  # two halvings of 3 steps
+    ("consistency", {"steps": 1, "images": 24}, [3]),
+])
+def test_the_learning_rate_decays_to_zero_at_the_end_of_each_stage(teacher, monkeypatch, method, kw, spans):
+    seen = _lr_of_each_step(monkeypatch)
+    summary = _distill(teacher, method, f"lr_{method}", lr=3e-4, **kw)
+    expected = [3e-4 * (1 - k / n) for n in spans for k in range(n)]  # last step of a stage: lr / n
+    assert seen == pytest.approx(expected, rel=1e-9)
+    ckpt = torch.load(summary["ckpt"], weights_only=True)
+    assert ckpt["optimizer_state_dict"]["param_groups"][0]["lr"] == 0  # the end of the last stage

@@ -144,7 +144,7 @@ class TrainConfig:
 @dataclass
 class DistillConfig:
     """How a few-step student was made by `ddpm distill` (empty for a model trained by `ddpm train`)."""
-    method: str = ""                          # "" (not distilled) | progressive | student | consistency
+    method: str = ""                          # "" (not distilled) | progressive | student | consistency | sfd
     teacher: str = ""                         # the teacher checkpoint it was distilled from
     steps: int = 0                            # the student's sampling steps (NFE)
     sampler: str = ""                         # its own sampler: `ddpm sample`'s default for it ("": ddpm)
@@ -454,8 +454,8 @@ def _validate_distill(cfg: Config) -> None:
     from .samplers import SAMPLERS
 
     ds = cfg.distill
-    _check(ds.method in ("", "progressive", "student", "consistency"),
-           f"distill.method must be progressive, student, consistency or empty, got '{ds.method}'")
+    _check(ds.method in ("", "progressive", "student", "consistency", "sfd"),
+           f"distill.method must be progressive, student, consistency, sfd or empty, got '{ds.method}'")
     _check(ds.steps >= 0, f"distill.steps must be >= 0, got {ds.steps}")
     _check(ds.sampler in SAMPLERS or ds.sampler == "",
            f"distill.sampler '{ds.sampler}' is not one of {sorted(SAMPLERS)}")

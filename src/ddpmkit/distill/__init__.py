@@ -2,8 +2,9 @@
 
     distill(teacher, method, run_name, steps=None, images=None, ...) -> summary
 
-progressive (Salimans & Ho 2022), student (Luhman & Luhman 2021) and consistency (Song et al.
-2023; Geng et al. 2024) each live in their own module; `tasks` plugs them into `train.train`.
+progressive (Salimans & Ho 2022), student (Luhman & Luhman 2021), consistency (Song et al.
+2023; Geng et al. 2024) and sfd (Zhou et al. 2024) each live in their own module; `tasks` plugs
+them into `train.train`.
 The result, WORKDIR/models/RUN/ckpt.pt, is an ordinary checkpoint whose config's [distill]
 section records the method, the teacher, the student's steps and its sampler (`ddpm sample`'s
 default for it). Running the same command again resumes the run.
@@ -11,6 +12,7 @@ default for it). Running the same command again resumes the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -19,11 +21,15 @@ from ..config import Config, DistillConfig, validate
 from ..data import num_batches
 from ..errors import DdpmError
 
-METHODS = ("progressive", "student", "consistency")
-DEFAULT_STEPS = {"progressive": 4, "student": 1, "consistency": 1}
-SAMPLER = {"progressive": "progressive", "student": "ddim", "consistency": "consistency"}
-DEFAULT_IMAGES = {"progressive": 20000, "student": 50000, "consistency": 50000}  # per stage for progressive
+METHODS = ("progressive", "student", "consistency", "sfd")
+DEFAULT_STEPS = {"progressive": 4, "student": 1, "consistency": 1, "sfd": 4}
+# The student's own sampler, `ddpm sample`'s default for it. An SFD student takes plain DDIM steps on
+# the nested grid, which is what the `progressive` entry samples (sfd.py: the levels it trains at).
+SAMPLER = {"progressive": "progressive", "student": "ddim", "consistency": "consistency", "sfd": "progressive"}
+DEFAULT_IMAGES = {"progressive": 20000, "student": 50000, "consistency": 50000, "sfd": 20000}  # per stage for progressive
 MAX_START_STEPS = 64  # progressive: start from at most this many teacher DDIM steps
+PAIR_EPOCHS = 5  # student: default pairs = images / PAIR_EPOCHS, so each pair is seen about 5 times
+SFD_EPOCH_ROWS = 10_000  # sfd: noise draws per epoch (a checkpoint at every epoch end)
 
 
 def _teacher(path: str) -> tuple[Config, dict]:
@@ -32,9 +38,11 @@ def _teacher(path: str) -> tuple[Config, dict]:
     cfg = config_of(ckpt, path)
     if cfg.model.num_classes:
         raise DdpmError(f"teacher {path} is class-conditional; ddpm distill takes unconditional teachers only")
-    if cfg.distill.method in ("student", "consistency"):
+    if cfg.distill.method in ("student", "consistency", "sfd"):
         raise DdpmError(f"teacher {path} is itself a {cfg.distill.method} model (no diffusion ODE to follow); "
                         "pass the checkpoint of a diffusion model or of a progressive student")
+    if cfg.autoencoder.path:
+        raise DdpmError(f"teacher {path} is a latent diffusion model; ddpm distill takes pixel-space teachers only")
     if cfg.diffusion.learn_sigma:
         raise DdpmError(f"teacher {path} learns its variance (learn_sigma); distillation follows the "
                         "deterministic ODE of a model without it")
@@ -97,8 +105,10 @@ def _run_config(teacher: Config, teacher_path: str, method: str, steps: int, tra
                 prediction: str = "auto") -> Config:
     """A new run's config: the teacher's model, diffusion and data, a fresh [train] and the [distill] record."""
     d = dataclasses.replace(teacher.diffusion, prediction=student_prediction(teacher, prediction))
-    # Constant LR, as before the new-run recipe made the teacher's cosine: a distillation's length
-    # is set by its stages and --images, not by the teacher's --epochs.
+    if method == "sfd":  # trained unclipped, so sampled unclipped: its intermediate x0 are steps, not images
+        d = dataclasses.replace(d, clip_denoised=False)
+    # The trainer's schedule stays constant: the task anneals the LR itself, over the run or (progressive)
+    # over each stage (tasks.DistillTask.set_lr), whose length is set by --images, not by --epochs.
     t = dataclasses.replace(teacher.train, epochs=0, warmup_steps=0, lr_schedule="constant", sample_every_epochs=0,
                             eval_every_steps=0, class_cond=False, grad_accum=1, ckpt_every_steps=0, **train)
     record = DistillConfig(method=method, teacher=str(teacher_path), steps=steps, sampler=SAMPLER[method])
@@ -117,29 +127,49 @@ def _stored(path: Path, method: str, teacher_path: str, steps: int, train: dict)
 
 
 def _task(method: str, teacher_path: str, teacher_cfg: Config, teacher_state: dict, budget: int, cfg: Config,
-          ckpt: dict | None, start: int | None, pairs: int | None, log: Callable):
-    from . import tasks
+          ckpt: dict | None, start: int | None, pairs: int | None, log: Callable,
+          teacher_sampler: str | None = None, teacher_steps: int | None = None):
+    from . import sfd, tasks
 
+    stored = ckpt.get("task_state") if ckpt else None
     if method == "progressive":
-        first = int(ckpt["task_state"]["start_steps"]) if ckpt and "task_state" in ckpt else start
+        first = int(stored["start_steps"]) if stored else start
         return tasks.ProgressiveTask(teacher_path, teacher_state, budget, first, cfg.distill.steps,
                                      teacher_cfg.diffusion, log)
     if method == "student":
-        n = int(ckpt["task_state"]["pairs"]) if ckpt and "task_state" in ckpt else (pairs or 2000)
+        n = int(stored["pairs"]) if stored else (pairs or default_pairs(budget))
         path = Path(cfg.train.workdir) / "models" / cfg.train.run_name / "pairs.npy"
         return tasks.StudentTask(teacher_path, teacher_state, budget, n, path, teacher_cfg, log)
+    if method == "sfd":
+        solver = (teacher_sampler or sfd.DEFAULT_TEACHER_SAMPLER, teacher_steps or sfd.DEFAULT_TEACHER_STEPS)
+        rows = min(budget, SFD_EPOCH_ROWS)
+        if stored:
+            given = (teacher_sampler or stored["teacher_sampler"], teacher_steps or stored["teacher_steps"])
+            solver, rows = (stored["teacher_sampler"], int(stored["teacher_steps"])), int(stored["rows"])
+            if given != solver:
+                raise DdpmError(f"run '{cfg.train.run_name}' distils with --teacher-sampler {solver[0]} "
+                                f"--teacher-steps {solver[1]}; resume it with those, or pick another --run-name")
+        return tasks.SFDTask(teacher_path, teacher_state, budget, rows, *solver, teacher_cfg.diffusion, log)
     return tasks.ConsistencyTask(teacher_path, teacher_state, budget, log)
+
+
+def default_pairs(images: int) -> int:
+    """The one-step student's default pair count: a few passes (PAIR_EPOCHS) over them in `images`."""
+    return max(1, math.ceil(images / PAIR_EPOCHS))
 
 
 def distill(teacher: str, method: str, run_name: str, steps: int | None = None, images: int | None = None,
             batch_size: int | None = None, lr: float | None = None, device: str | None = None, workdir: str = ".",
             pairs: int | None = None, start_steps_: int | None = None, prediction: str = "auto",
+            teacher_sampler: str | None = None, teacher_steps: int | None = None,
             log: Callable = print, progress: bool = True) -> dict:
     """Distil `teacher` (a ckpt.pt) into WORKDIR/models/RUN_NAME/ckpt.pt with `method`; resumes a run that exists.
 
-    images: training images per halving stage (progressive) or in all (student, consistency);
-    pairs: teacher samples the student method trains on; start_steps_: progressive's first teacher steps;
-    prediction: the student's parameterization (`student_prediction`; a resumed run keeps its own).
+    images: training images per halving stage (progressive) or in all (student, consistency; sfd: noise
+    draws, it needs no data); pairs: teacher samples the student method trains on (default
+    `default_pairs(images)`); start_steps_: progressive's first teacher steps; prediction: the student's
+    parameterization (`student_prediction`; a resumed run keeps its own); teacher_sampler, teacher_steps:
+    sfd's teacher solver and its steps per student step (`sfd.TEACHER_SAMPLERS`, default dpm++2m and 4).
     """
     from ..runlock import RunLock
     from ..train import RunPaths, train
@@ -150,8 +180,14 @@ def distill(teacher: str, method: str, run_name: str, steps: int | None = None, 
     steps = steps or DEFAULT_STEPS[method]
     if method == "student" and steps != 1:
         raise DdpmError(f"the student method makes one-step students; drop --steps {steps} (or use --steps 1)")
+    if method != "sfd" and (teacher_sampler or teacher_steps):
+        raise DdpmError("--teacher-sampler and --teacher-steps set the teacher solver of --method sfd only; drop them")
     teacher_cfg, teacher_state = _teacher(teacher)
     start = start_steps(teacher_cfg, steps, start_steps_) if method == "progressive" else None
+    if method == "sfd":
+        from . import sfd
+
+        sfd.check_steps(teacher_cfg.diffusion, steps, teacher_sampler, teacher_steps)
     given = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("device", device)) if v is not None}
     cfg = _run_config(teacher_cfg, teacher, method, steps, {"run_name": run_name, "workdir": workdir,
                                                              "lr": 1e-4, **given}, prediction)
@@ -160,7 +196,8 @@ def distill(teacher: str, method: str, run_name: str, steps: int | None = None, 
         ckpt = None
         if path.exists():
             cfg, ckpt = _stored(path, method, teacher, steps, given)
-        task = _task(method, teacher, teacher_cfg, teacher_state, images or DEFAULT_IMAGES[method], cfg, ckpt, start, pairs, log)
+        task = _task(method, teacher, teacher_cfg, teacher_state, images or DEFAULT_IMAGES[method], cfg, ckpt, start,
+                     pairs, log, teacher_sampler, teacher_steps)
         data = task.data(cfg, log)
         b = cfg.train.batch_size
         epochs = task.plan(num_batches(len(data), b), b)

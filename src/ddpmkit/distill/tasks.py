@@ -1,8 +1,14 @@
-"""The three distillation methods as trainer tasks (tasks.Task): each a model, a loss and its state.
+"""The distillation methods as trainer tasks (tasks.Task): each a model, a loss and its state.
 
 Every task trains a copy of the teacher's network (the same config, so `load_model` and `ddpm
 sample/eval/export` read the result unchanged) with the trainer's loop; the task adds the
 teacher and what changes during a run (the progressive stage) to the checkpoint's task_state.
+
+Learning rate. Each task sets the optimizer's rate before every step (`start`, `after_step`):
+train.lr annealed linearly to 0 at the end of the run, and for progressive distillation at the
+end of every halving stage (Salimans & Ho 2022 distil each halving with the learning rate
+decaying linearly to 0). Step k of a span of L steps uses lr (1 - k / L): the first lr, the
+last lr / L. The trainer's own schedule is constant for these runs (`distill._run_config`).
 """
 from __future__ import annotations
 
@@ -22,7 +28,13 @@ from ..images import save_images
 from ..tasks import Task
 from .consistency import ConsistencyLoss
 from .progressive import ProgressiveLoss, frozen_copy
+from .sfd import NoiseRows, SFDLoss, check_teacher_solver, noise_batches
 from .student import PairData, StudentLoss, make_pairs, pair_batches, PAIR_SEED_STREAM
+
+
+def annealed(step: int, start: int, end: int) -> float:
+    """The LR factor of optimizer step `step` (0-based) in the span [start, end): 1 - (step - start) / (end - start)."""
+    return max(0.0, 1.0 - (step - start) / max(1, end - start))
 
 
 class DistillTask(Task):
@@ -35,6 +47,7 @@ class DistillTask(Task):
         self.teacher_path, self.teacher_state, self.budget, self.log = teacher_path, teacher_state, budget, log
         self._data = None
         self.trainer = None
+        self.run_steps = 0  # optimizer steps of the whole run, from the trainer (`start`)
 
     def data(self, cfg: Config, log: Callable):
         if self._data is None:
@@ -52,7 +65,23 @@ class DistillTask(Task):
         return math.ceil(math.ceil(self.budget / batch_size) / n_batches)
 
     def start(self, trainer) -> None:
+        t = trainer.cfg.train
         self.trainer = trainer
+        self.run_steps = t.epochs * math.ceil(trainer.n_batches / t.grad_accum)  # the trainer's own count
+        self.set_lr(trainer)
+
+    def after_step(self, trainer) -> None:
+        self.set_lr(trainer)
+
+    def lr_factor(self, step: int) -> float:
+        """The fraction of train.lr that optimizer step `step` (0-based) uses: linear to 0 over the run."""
+        return annealed(step, 0, self.run_steps)
+
+    def set_lr(self, trainer) -> None:
+        """Set the rate of the next optimizer step (trainer.state.step steps are done)."""
+        lr = trainer.cfg.train.lr * self.lr_factor(trainer.state.step)
+        for group in trainer.state.opt.param_groups:
+            group["lr"] = lr
 
     def steps_now(self, cfg: Config) -> int:
         return cfg.distill.steps
@@ -110,7 +139,17 @@ class ProgressiveTask(DistillTask):
 
         return ProgressiveLoss(diffusion, state)
 
+    def lr_factor(self, step: int) -> float:
+        """Linear to 0 within each stage; the last stage also takes the steps that do not divide evenly."""
+        stage = min(step // self.per_stage, self.stages - 1)
+        end = self.run_steps if stage == self.stages - 1 else (stage + 1) * self.per_stage
+        return annealed(step, stage * self.per_stage, end)
+
     def after_step(self, trainer) -> None:
+        self._switch(trainer)
+        super().after_step(trainer)
+
+    def _switch(self, trainer) -> None:
         stage = min(trainer.state.step // self.per_stage, self.stages - 1)
         if stage == self.stage:
             return
@@ -201,3 +240,46 @@ class ConsistencyTask(DistillTask):
 
     def load_extra_state(self, state):
         self.total_steps = int(state["total_steps"])
+
+
+class SFDTask(DistillTask):
+    """Simple and Fast Distillation (Zhou et al. 2024, `sfd`): the teacher's network fine-tuned to follow
+    the teacher's trajectory with one DDIM step per segment of its own levels. Data-free: every
+    "image" of the budget is a noise draw of the loss, and an epoch is `rows` of them."""
+
+    method = "sfd"
+
+    def __init__(self, teacher_path, teacher_state, budget, rows: int, teacher_sampler: str, teacher_steps: int,
+                 teacher_diffusion: DiffusionConfig, log=print):
+        super().__init__(teacher_path, teacher_state, budget, log)
+        check_teacher_solver(teacher_sampler, teacher_steps)
+        self.rows, self.teacher_sampler, self.teacher_steps = rows, teacher_sampler, teacher_steps
+        self.teacher_diffusion, self.teacher = teacher_diffusion, None
+
+    def data(self, cfg, log):
+        if self._data is None:
+            log(f"sfd needs no training images: an epoch is {self.rows} noise samples, the teacher's trajectories "
+                f"from {self.teacher_sampler} with {self.teacher_steps} steps per student step")
+            self._data = NoiseRows(self.rows, cfg.data.channels or 3)
+        return self._data
+
+    def batches(self, data, cfg, epoch, start, rank, world, device):
+        shape = (data.channels, cfg.data.image_size, cfg.data.image_size)
+        return noise_batches(data, shape, cfg.train.batch_size, start, rank, world, device)
+
+    def build(self, cfg, device):
+        model, diffusion = super().build(cfg, device)
+        self.teacher = frozen_copy(model)  # the teacher's weights, frozen; the student trains from the same
+        return model, diffusion
+
+    def make_loss(self, diffusion, cfg):
+        teacher = Diffusion.from_config(self.teacher_diffusion, diffusion.img_size, diffusion.channels, diffusion.device)
+        return SFDLoss(diffusion, self.teacher, teacher, cfg.distill.steps, self.teacher_steps, self.teacher_sampler,
+                       cfg.distill.sampler)
+
+    def extra_state(self):
+        return {**super().extra_state(), "rows": self.rows, "teacher_sampler": self.teacher_sampler,
+                "teacher_steps": self.teacher_steps, "teacher_diffusion": dataclasses.asdict(self.teacher_diffusion)}
+
+    def load_extra_state(self, state):
+        self.teacher_diffusion = DiffusionConfig(**state["teacher_diffusion"])
