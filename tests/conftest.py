@@ -11,6 +11,13 @@ from PIL import Image
 torch.set_num_threads(int(os.environ.get("DDPMKIT_TEST_THREADS", "2")))
 
 
+@pytest.fixture(autouse=True)
+def no_inception_download(monkeypatch):
+    """No test downloads the FID Inception weights, which `ddpm eval` does on first use; the tests of
+    the download serve them from 127.0.0.1 (test_fid_download.py)."""
+    monkeypatch.setenv("DDPMKIT_NO_DOWNLOAD", "1")
+
+
 @pytest.fixture(scope="session")
 def load_benchmark():
     """A function that imports benchmarks/NAME.py as a module (the folder is not a package)."""

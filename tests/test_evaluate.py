@@ -298,6 +298,7 @@ def test_cached_feature_stats_reused_and_invalidated(tmp_path):
 
 def test_missing_weights_message_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.delenv(fw.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty user cache (where a download goes)
     monkeypatch.setattr(fw, "_packaged_inception_weights", lambda: None)
     with pytest.raises(DdpmError) as info:
         fw.find_inception_weights()
