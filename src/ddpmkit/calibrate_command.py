@@ -1,0 +1,81 @@
+"""The `ddpm calibrate` subcommand: its flags and its call of `calibrate.calibrate`."""
+from __future__ import annotations
+
+import argparse
+
+CALIBRATE_EXAMPLES = """examples:
+  ddpm calibrate --ckpt models/digits/ckpt.pt --nfe 6,8
+  ddpm sample --ckpt models/digits/ckpt.pt --sampler ipndm --steps 8    # uses the stored 8-NFE schedule
+  ddpm sample --ckpt models/digits/ckpt.pt --sampler ipndm --steps 8 --spacing trailing   # does not
+"""
+
+
+def _nfe_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects whole numbers separated by commas, e.g. 6,8; got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"model-call counts must be >= 1, got '{text}'")
+    return values
+
+
+def add_parser(sub, positive_int) -> None:
+    from .calibrate import CALIBRATED_SAMPLERS, DEFAULT_LEVELS, DEFAULT_SAMPLER, DEFAULT_SAMPLES, SCHEDULES_FILE
+
+    p = sub.add_parser("calibrate", help="search a few-step schedule for a checkpoint (GITS)",
+                       epilog=CALIBRATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Find the noise levels of an N-call ODE sampler for this model: a dynamic "
+                       "program over a fine grid of candidate levels picks the N steps whose summed local error "
+                       "against fine teacher trajectories is least (GITS, Chen et al. 2024). The levels are "
+                       f"written to {SCHEDULES_FILE} beside the checkpoint, and `ddpm sample` / `ddpm eval` with "
+                       "that sampler and NFE use them when no --spacing is given.")
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
+    p.add_argument("--nfe", required=True, type=_nfe_list, metavar="N[,N...]",
+                   help="model calls per sample, one or more (e.g. 6,8); Heun needs odd counts")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=CALIBRATED_SAMPLERS,
+                   help=f"the sampler the schedule is for (default: {DEFAULT_SAMPLER})")
+    p.add_argument("-n", type=positive_int, default=DEFAULT_SAMPLES,
+                   help=f"teacher trajectories (default: {DEFAULT_SAMPLES})")
+    p.add_argument("--levels", type=positive_int, default=DEFAULT_LEVELS,
+                   help=f"candidate noise levels searched (default: {DEFAULT_LEVELS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the teacher's start noise (default: 0)")
+    p.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+                   help="x0 clipping of the teacher, as `ddpm sample --clip` (default: auto, the checkpoint's)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="trajectories per batch (default: 64)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from . import calibrate
+    from .errors import DdpmError
+    from .loading import load_model
+    from .train import resolve_device
+
+    for nfe in args.nfe:  # bad counts fail before the model loads
+        calibrate.nfe_to_steps(args.sampler, nfe)
+    if args.levels < 2:
+        raise DdpmError(f"--levels must be >= 2, got {args.levels}")
+    model, diffusion, cfg = load_model(args.ckpt, resolve_device(args.device))
+    if cfg.model.num_classes:
+        raise DdpmError("ddpm calibrate supports unconditional models; this checkpoint is class-conditional")
+    clip = {"auto": None, "on": True, "off": False}[args.clip]
+    denoiser = diffusion.denoiser(model, clip=clip)
+    start = time.perf_counter()
+    results = calibrate.calibrate(denoiser, (diffusion.channels, diffusion.img_size, diffusion.img_size), args.nfe,
+                                  args.sampler, n=args.n, levels=args.levels, seed=args.seed,
+                                  batch_size=args.batch_size, device=diffusion.device,
+                                  progress=not args.no_progress)
+    settings = {"samples": args.n, "levels": args.levels, "seed": args.seed,
+                "clip": bool(diffusion.clip_denoised if clip is None else clip)}
+    path = calibrate.save_schedules(args.ckpt, args.sampler, results, settings)
+    print(f"calibrated {args.sampler} on {args.n} trajectories in {time.perf_counter() - start:.0f} s")
+    for nfe, r in results.items():
+        others = ", ".join(f"{k} {v:.4f}" for k, v in r["compare"].items())
+        print(f"  {nfe} NFE: sigmas {' '.join(f'{float(s):.4g}' for s in r['sigmas'])}; summed local error "
+              f"{r['cost']:.4f} ({others})")
+    print(f"wrote {path}")
+    return 0
