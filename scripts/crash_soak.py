@@ -49,7 +49,7 @@ TRAIN_ARGS = [
     "--run-name", RUN, "--image-size", "8", "--batch-size", str(BATCH),
     "--set", "model.size=custom", "--set", "model.base_channels=8", "--set", "model.channel_mults=1,2",
     "--set", "model.attn_levels=1", "--set", "model.time_dim=16",
-    "--timesteps", "50", "--ckpt-every-steps", "1", "--sample-every", "0", "--device", "cpu", "--no-progress",
+    "--timesteps", "50", "--sample-every", "0", "--device", "cpu", "--no-progress",
     "--hflip", "true", "--warmup-steps", "5", "--ema-decay", "0.9", "--log-every", "5", "--seed", "3",
 ]
 MODES = ("startup", "save", "training", "anytime")

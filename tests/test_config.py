@@ -18,7 +18,17 @@ def test_a_new_run_gets_the_measured_recipe_and_an_old_config_keeps_its_meaning(
     cfg, _ = prepare({"train": {"workdir": str(tmp_path)}})
     d, t = cfg.diffusion, cfg.train
     assert (d.prediction, d.loss_weighting, d.schedule, t.lr_schedule) == ("v", "min_snr", "cosine", "cosine")
-    assert cfg.train.lr == 3e-4 and cfg.model.size == "seed"  # the seed's launch() values stay
+    assert cfg.train.lr == 3e-4  # the seed's launch() value stays
+    # The backbone follows the image size (64 px by default); the grids sample as `ddpm sample` does,
+    # and a checkpoint is written every 10 minutes.
+    assert cfg.model.size == "small" and cfg.model.arch == "adm"
+    assert (t.sample_sampler, t.sample_steps, t.ckpt_every_minutes) == ("dpm++2m", 20, 10.0)
+    assert prepare({"data": {"image_size": 32}, "train": {"workdir": str(tmp_path)}})[0].model.size == "tiny"
+    assert prepare({"data": {"image_size": 48}, "train": {"workdir": str(tmp_path)}})[0].model.size == "small"
+    seed = prepare({"model": {"size": "seed"}, "train": {"workdir": str(tmp_path)}})[0].model
+    assert (seed.size, seed.arch) == ("seed", "unet")
+    tweaked = prepare({"model": {"dropout": 0.1}, "train": {"workdir": str(tmp_path)}})[0].model
+    assert (tweaked.size, tweaked.base_channels, tweaked.dropout) == ("small", 64, 0.1)
     assert prepare({"diffusion": {"prediction": "eps"}, "train": {"workdir": str(tmp_path)}})[0] \
         .diffusion.prediction == "eps"
     # A stored config written before these keys existed (or before the recipe) reads as it was meant.

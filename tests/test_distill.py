@@ -322,7 +322,10 @@ def test_sample_defaults_to_the_students_sampler_and_steps(teacher, tmp_path, mo
     assert seen == {"sampler": "ddim", "steps": None}  # an explicit sampler keeps its own default steps
     main(["sample", "--ckpt", str(root / "models" / "teacher" / "ckpt.pt"), "-n", "2", "--out",
           str(tmp_path / "a.png"), "--no-progress", "--device", "cpu", "--steps", "3"])
-    assert seen == {"sampler": "ddpm", "steps": 3}  # an ordinary checkpoint: unchanged
+    assert seen == {"sampler": "dpm++2m", "steps": 3}  # an ordinary checkpoint: `ddpm sample`'s default sampler
+    main(["sample", "--ckpt", str(root / "models" / "teacher" / "ckpt.pt"), "-n", "2", "--out",
+          str(tmp_path / "a.png"), "--no-progress", "--device", "cpu"])
+    assert seen == {"sampler": "dpm++2m", "steps": 20}
 
 
 def test_progressive_kill_and_resume_is_exact_across_a_stage_switch(teacher, monkeypatch):

@@ -79,8 +79,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             pass
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a ddpmkit checkpoint; every failure is a one-line DdpmError."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    accept_seed: bool = False) -> dict[str, Any]:
+    """Load and check a ddpmkit checkpoint; every failure is a one-line DdpmError.
+
+    With `accept_seed`, the seed tutorial's checkpoint is accepted too, as the ddpmkit checkpoint
+    `seed_checkpoint` makes of it (for sampling, export and --init-from; never for a resume)."""
     path = Path(path)
     if not path.is_file():
         raise DdpmError(f"checkpoint {path} not found; pass the path of a ckpt.pt written by `ddpm train`")
@@ -98,11 +102,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DdpmError(f"checkpoint {path} is truncated or not a PyTorch file "
                         f"({' '.join(str(exc).split())[:120]}); use an intact checkpoint") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        seed = seed_checkpoint(ckpt)
+        if seed is not None and accept_seed:
+            return seed
+        if seed is not None:
+            raise DdpmError(f"{path} is the seed tutorial's checkpoint, not a ddpmkit run: `ddpm sample --ckpt` "
+                            "samples from it, `ddpm train --init-from PATH --model-size seed` fine-tunes it")
         raise DdpmError(f"{path} is not a ddpmkit checkpoint (missing {', '.join(REQUIRED_KEYS)})")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise DdpmError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this ddpmkit's "
                         f"{FORMAT_VERSION}; upgrade ddpmkit")
     return ckpt
+
+
+SEED_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch")  # what the seed tutorial's ckpt.pt holds
+
+
+def seed_checkpoint(obj: Any) -> dict[str, Any] | None:
+    """The seed tutorial's checkpoint {model_state_dict, optimizer_state_dict, epoch} as a ddpmkit
+    checkpoint, or None when `obj` is not one.
+
+    Its network is the seed UNet (`--model-size seed`, whose parameter names ddpmkit keeps) and its
+    diffusion the seed's: linear betas 1e-4..0.02 over 1000 steps, eps-prediction, 64 px; the image
+    channels are read from the first convolution. The seed's sampler does not clip x0, so neither
+    does this config. DataParallel's `module.` prefixes are dropped.
+    """
+    from .config import preset
+
+    if not isinstance(obj, dict) or any(k not in obj for k in SEED_KEYS) or "format_version" in obj:
+        return None
+    state = obj["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    state = {k.removeprefix("module."): v for k, v in plain_state(state).items()}
+    first = state.get("inc.double_conv.0.weight")
+    if first is None or first.ndim != 4 or "outc.weight" not in state:
+        return None
+    cfg = Config(model=preset("seed"))
+    cfg.data.image_size, cfg.data.channels = 64, int(first.shape[1])
+    cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.prediction = 1000, "linear", "eps"
+    cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.clip_denoised = 1e-4, 0.02, False
+    return {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "model_state_dict": state,
+            "ema_state_dict": None, "epoch": obj["epoch"], "seed_tutorial": True}
 
 
 def config_of(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
@@ -199,10 +240,21 @@ def model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     return model.to(device), diffusion
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before every state_dict key
+
+
+def plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict without torch.compile's `_orig_mod.` key prefixes (at any depth), so weights
+    saved from a compiled network load into a plain one and the other way round."""
+    return {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}
+
+
 def load_state(model: torch.nn.Module, state: dict, path: str | Path, what: str = "model") -> None:
-    """load_state_dict with a one-line message when the weights do not fit the model."""
+    """load_state_dict with a one-line message when the weights do not fit the model; a compiled
+    `model` and weights saved from one are both accepted (`plain_state`)."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: load into the network itself
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(plain_state(state))
     except RuntimeError as exc:
         first = str(exc).split("\n")[0] + " " + " ".join(str(exc).split("\n")[1:2]).strip()
         raise DdpmError(f"the {what} weights in {path} do not match its model config ({first[:200]}); "
@@ -225,12 +277,13 @@ def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: t
                         task_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict of a training state; `restore_training` reads it back. `task_state` is a
     non-default task's own content (tasks.Task.extra_state), stored as "task_state" when not empty."""
-    ema = state.ema.model.state_dict() if state.ema is not None else None
+    ema = plain_state(state.ema.model.state_dict()) if state.ema is not None else None
+    precision = getattr(state, "precision", None)
     return {
         "format_version": FORMAT_VERSION,
         "ddpmkit_version": __version__,
         "config": cfg.to_dict(),
-        "model_state_dict": state.model.state_dict(),
+        "model_state_dict": plain_state(state.model.state_dict()),
         "ema_state_dict": ema,
         "optimizer_state_dict": state.opt.state_dict(),
         "scheduler_state_dict": state.sched.state_dict(),
@@ -241,6 +294,7 @@ def training_checkpoint(state, cfg: Config, world: int, n_images: int, device: t
         "world_size": world,
         "global_step": state.step,
         "nonfinite_skipped": state.skipped,
+        "precision_state": precision.state_dict() if precision is not None else None,  # fp16: GradScaler's state
         "history": {key: [(int(s), float(v)) for s, v in points] for key, points in state.history.items()},
         "rng_state": rng_state(device),
         **({"task_state": task_state} if task_state else {}),
@@ -292,6 +346,8 @@ def restore_training(state, ckpt: dict[str, Any], cfg: Config, n_images: int, wo
     state.epoch, state.step = ckpt["next_epoch"], ckpt["global_step"]
     state.batch, note = resume_batch(ckpt, n_images, t.batch_size, t.grad_accum, world)
     state.skipped = ckpt.get("nonfinite_skipped", 0)
+    if getattr(state, "precision", None) is not None and ckpt.get("precision_state"):
+        state.precision.load_state_dict(ckpt["precision_state"])
     stored = ckpt.get("history") or {}  # absent before the curves were stored
     state.history = {key: [(int(s), float(v)) for s, v in stored.get(key, [])] for key in HISTORY_KEYS}
     return note

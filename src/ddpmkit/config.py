@@ -118,10 +118,14 @@ class TrainConfig:
     grad_clip: float = 1.0                   # max global grad norm; 0 disables clipping
     ema_decay: float = 0.995                 # EMA of the weights (the seed's 0.995); 0 disables any EMA
     ema_sigma_rel: float = 0.0               # > 0: a power-function EMA of this relative width instead (Karras et al. 2024)
-    bf16: bool = False                       # bf16 autocast (CPU with AMX/AVX512-bf16, or a recent GPU)
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (autocast + loss scaling) | auto (bf16 where native)
+    bf16: bool = False                       # older switch: true = precision bf16 (validate moves it there)
+    compile: bool = False                    # torch.compile the network (checkpoints are the same without)
+    channels_last: bool = False              # keep the network's weights and activations in NHWC memory format
     seed: int = 0                            # seeds weights, data order, noise and the sample grids
     device: str = "auto"                     # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     log_every: int = 10                      # steps between TensorBoard scalars
+    logger: str = "tensorboard"              # tensorboard | wandb (the [wandb] extra) | none: where scalars and grids go
     sample_every_epochs: int = 1             # epochs between sample grids; 0 = never by epoch
     sample_every_steps: int = 0              # steps between sample grids; 0 = never by step
     sample_n: int = 16                       # images in each sample grid
@@ -191,14 +195,47 @@ class Config:
 #   * the cosine noise schedule (Nichol & Dhariwal 2021): at 150k images, 2-3 points more samples
 #     a digit classifier recognizes, on each of three models, at about the same FD (its
 #     DPM-Solver++ speckle came from Karras levels up to sigma 4096, now capped in `samplers`).
+#   * sample grids with DPM-Solver++(2M) at 20 steps, as `ddpm sample` draws by default, instead of
+#     100 ancestral DDPM steps: five times fewer network calls per grid;
+#   * a checkpoint every 10 minutes on top of epoch ends and SIGTERM, so a disconnect or a kill -9
+#     loses at most 10 minutes of training (a save of the 31M-parameter `cifar` preset, 480 MiB with
+#     its optimizer state, took 5.3 s on a 2-vCPU EPYC, under 1% of that: benchmarks/bench_ckpt.py).
+# The model size is chosen by the image size (`default_model_size`) when the run names none.
 RECIPE: dict[str, dict[str, Any]] = {"diffusion": {"prediction": "v", "loss_weighting": "min_snr",
                                                    "schedule": "cosine"},
-                                     "train": {"lr_schedule": "cosine"}}
+                                     "train": {"lr_schedule": "cosine", "sample_sampler": "dpm++2m",
+                                               "sample_steps": 20, "ckpt_every_minutes": 10.0}}
 
 
 def new_run_config() -> "Config":
     """The config a new `ddpm train` run starts from, before its file, flags and --set."""
     return apply_overrides(Config(), RECIPE)
+
+
+# Largest side (pixels, of the image or of a latent) trained with the `tiny` preset by default; above
+# it `small`. Measured on 2 vCPUs of an AMD EPYC (docs/training.md, "Model sizes"): `tiny` trains
+# at 117 img/s at 16 px and 32 img/s at 32 px, a CPU-sized model; `small` (5.3x the parameters)
+# trains at 9 img/s at 32 px there, so at 64 px and up it is sized for a GPU, where the seed's
+# 23.3M-parameter UNet (attention at every level) was the default before.
+TINY_MAX_SIDE = 32
+
+
+def default_model_size(side: int) -> str:
+    """The preset a new run without any model option trains at this image (or latent) side."""
+    return "tiny" if side <= TINY_MAX_SIDE else "small"
+
+
+def with_default_model(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`overrides` plus `model.size` chosen by `default_model_size` when they name no size (other model
+    keys then apply on top of that preset, as on any named one); the side is the latent's for a latent
+    run. `--model-size seed` keeps the tutorial's UNet."""
+    if "size" in overrides.get("model", {}):
+        return overrides
+    side = int(overrides.get("data", {}).get("image_size", DataConfig.image_size))
+    ae = overrides.get("autoencoder", {})
+    if ae.get("path"):
+        side //= int(ae.get("downsample", AutoencoderConfig.downsample))
+    return {**overrides, "model": {"size": default_model_size(side), **overrides.get("model", {})}}
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -434,6 +471,8 @@ def _validate_train(cfg: Config) -> None:
            f"train.ema_sigma_rel must be 0 (off) or in (0, {SIGMA_REL_MAX:.4f}), got {t.ema_sigma_rel}")
     _check(0 <= t.seed < 2**63, f"train.seed must be in 0..2**63-1, got {t.seed}")
     _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(t.logger in ("tensorboard", "wandb", "none"),
+           f"train.logger must be tensorboard, wandb or none, got '{t.logger}'")
     _check(t.sample_every_epochs >= 0, f"train.sample_every_epochs must be >= 0, got {t.sample_every_epochs}")
     _check(t.sample_every_steps >= 0, f"train.sample_every_steps must be >= 0, got {t.sample_every_steps}")
     _check(t.sample_n >= 1, f"train.sample_n must be >= 1, got {t.sample_n}")
@@ -448,6 +487,12 @@ def _validate_train(cfg: Config) -> None:
     _check(t.eval_sampler in SAMPLERS, f"train.eval_sampler '{t.eval_sampler}' is not one of {sorted(SAMPLERS)}")
     _check(t.eval_steps >= 1, f"train.eval_steps must be >= 1, got {t.eval_steps}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    _check(t.precision in ("fp32", "bf16", "fp16", "auto"),
+           f"train.precision must be fp32, bf16, fp16 or auto, got '{t.precision}'")
+    if t.bf16:  # the older switch (and checkpoints written with it): the same as precision bf16
+        _check(t.precision in ("fp32", "bf16"), f"train.bf16=true means precision bf16, but train.precision is "
+               f"'{t.precision}'; give only --precision (or only --bf16 true)")
+        t.precision, t.bf16 = "bf16", False
 
 
 def _validate_distill(cfg: Config) -> None:

@@ -57,7 +57,7 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _run(net: nn.Module, x: torch.Tensor, t: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """net(x, t) in float32, or under autocast when a dtype is given."""
+    """net(x, t) in float32, or under autocast (bf16 / fp16) when a dtype is given; the output is float32."""
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
         return net(x, t).float()
@@ -229,13 +229,17 @@ class Diffusion:
         """Uniform timesteps over the full range 0..T-1 (the tutorial skipped t=0)."""
         return torch.randint(0, self.noise_steps, (n,), device=self.device)
 
-    def denoiser(self, model: nn.Module, bf16: bool = False, clip: bool | None = None) -> nn.Module:
+    def denoiser(self, model: nn.Module, bf16: bool | str = False, clip: bool | None = None) -> nn.Module:
         """The network as D(x, sigma), the form every sampler takes.
 
-        `clip` clamps every x0 estimate to [-1, 1] before the sampler uses it (None: the config's
+        `bf16` is the network's precision: False / True (fp32 / bf16 autocast, the older switch) or a
+        name of `precision.PRECISIONS` (fp32 | bf16 | fp16 | auto, decided for this device). `clip`
+        clamps every x0 estimate to [-1, 1] before the sampler uses it (None: the config's
         `clip_denoised`). See `samplers` for what that does to each sampler.
         """
-        dtype = torch.bfloat16 if bf16 else None
+        from .precision import autocast_dtype
+
+        dtype = autocast_dtype(bf16, self.device)
         clip = self.clip_denoised if clip is None else bool(clip)
         if self.objective == "edm":
             return EDMDenoiser(model, self.sigma_data, self.sigma_min, self.sigma_max, clip, dtype)

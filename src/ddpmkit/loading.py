@@ -1,7 +1,7 @@
 """`load_model`: a trained network from a checkpoint or an exported folder, ready to sample.
 
-It lives apart from checkpoint.py and export.py, which it both uses, so that neither of them
-imports the other.
+It lives apart from checkpoint.py and the export package, which it both uses, so that neither
+of them imports the other.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .latent import attach_decoder, latent_parts, refuse_autoencoder_checkpoint
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
     """Rebuild (model, diffusion, config) from a checkpoint alone (the EMA weights by default),
-    or from a folder written by `ddpm export`.
+    or from a folder written by `ddpm export`. The seed tutorial's checkpoint loads as the seed
+    UNet with the seed's diffusion (`checkpoint.seed_checkpoint`).
 
     The model is in eval mode on `device`; `diffusion.sample(model, n)` draws images from it (a
     latent model's diffusion is a `latent.LatentDiffusion`, which decodes its samples).
@@ -25,7 +26,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
         from .compress.quantize import is_quantized, load_quantized  # ONNX Runtime runs it (`ddpm quantize`)
 
         return load_quantized(path, device) if is_quantized(path) else load_exported(path, device)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, accept_seed=True)
     refuse_autoencoder_checkpoint(ckpt, path)
     cfg = config_of(ckpt, path)
     model, diffusion = model_from_config(cfg, device)

@@ -1,7 +1,7 @@
 """The training loop: data -> loss -> AdamW step -> EMA, with grids, logs and exact resume.
 
 A run lives in WORKDIR/models/RUN/ckpt.pt (everything a resume needs), WORKDIR/results/RUN/
-(sample grids drawn with the EMA weights) and WORKDIR/runs/RUN/ (TensorBoard). Running the same
+(sample grids drawn with the EMA weights) and WORKDIR/runs/RUN/ (logs: loggers.py). Running the same
 run name again resumes from the checkpoint, at the exact batch where it stopped.
 
 Random draws. The random inputs of the loss (VP: t and eps; EDM: sigma and noise) of global
@@ -15,7 +15,7 @@ DistributedDataParallel: each process takes rows rank::N of every global batch o
 images, so the effective batch is batch_size * grad_accum * N, and the same rows of the global
 batch's draws. Without dropout an N-process run is then the computation of one process with
 batch_size * N, up to float rounding of the gradient all-reduce; with dropout each process draws
-its own masks. Only rank 0 keeps the EMA and writes checkpoints, grids, TensorBoard logs and
+its own masks. Only rank 0 keeps the EMA and writes checkpoints, grids, logs and
 progress; a stop signal on any process stops all at the same step.
 
 The loop is a `_Trainer` around a `TrainState` (what a checkpoint holds: checkpoint.py writes and
@@ -49,12 +49,14 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
                          save_training)
-from .config import SIGMA_REL_MAX, Config, apply_overrides, new_run_config, validate
+from .config import SIGMA_REL_MAX, Config, apply_overrides, new_run_config, validate, with_default_model
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
 from .images import READABLE_WIDTH, make_grid, save_images
+from .loggers import make_logger
 from .losses import take_rows
+from .precision import Precision, channels_last, compile_network
 from .tasks import Task
 
 
@@ -147,7 +149,7 @@ def prepare(overrides: dict[str, dict[str, Any]], fresh: bool = False, log: Call
     only the given overrides change it; changing the model, the diffusion or the image format of
     an existing run is an error.
     """
-    cfg = validate(apply_overrides(new_run_config(), overrides))
+    cfg = validate(apply_overrides(new_run_config(), with_default_model(overrides)))
     paths = RunPaths.of(cfg)
     if fresh or not paths.ckpt.exists():
         if cfg.diffusion.schedule == "cosine" and {"beta_start", "beta_end"} & set(overrides.get("diffusion", {})):
@@ -198,19 +200,6 @@ class _StopFlag:
 
 
 # --- the loop --------------------------------------------------------------------------------
-
-class _NoWriter:
-    """Stands in for the SummaryWriter on ranks other than 0."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def add_image(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 def _quiet(*args, **kwargs) -> None:
     pass
@@ -287,6 +276,7 @@ class TrainState:
     step: int = 0
     skipped: int = 0  # optimizer steps skipped for a non-finite gradient, in all
     bad_in_row: int = 0
+    precision: Precision | None = None  # autocast and, for fp16, the GradScaler (its state is checkpointed)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=new_history)
 
     def record(self, key: str, value: float) -> None:
@@ -308,8 +298,10 @@ class _Window:
 
 
 def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.write,
-          progress: bool = True, task: Task | None = None) -> dict[str, Any]:
+          progress: bool = True, task: Task | None = None, init_from: str | None = None) -> dict[str, Any]:
     """Train until cfg.train.epochs are done (or a stop signal); returns a summary dict.
+
+    `init_from`: a new run (ckpt None) starts its network from these weights (export/init_from.py).
 
     `task` says what is trained (tasks.Task; None: `ddpm train`'s diffusion model on the images).
 
@@ -322,7 +314,7 @@ def train(cfg: Config, ckpt: dict[str, Any] | None = None, log: Callable = tqdm.
     try:
         with distributed.translate_errors(ctx):
             trainer = _Trainer(cfg, ckpt, ctx, log if ctx.is_main else _quiet, progress and ctx.is_main,
-                               task or Task())
+                               task or Task(), init_from if ckpt is None else None)
             return trainer.run()
     finally:
         ctx.close()
@@ -332,8 +324,9 @@ class _Trainer:
     """One run of the training loop: `__init__` sets it up, `run` trains."""
 
     def __init__(self, cfg: Config, ckpt: dict[str, Any] | None, ctx: distributed.Context, log: Callable,
-                 progress: bool, task: Task | None = None):
+                 progress: bool, task: Task | None = None, init_from: str | None = None):
         self.ctx, self.log, self.progress, self.task = ctx, log, progress, task or Task()
+        self.init_from = init_from
         self.device = ctx.device if ctx.enabled else resolve_device(cfg.train.device)
         self.paths = RunPaths.of(cfg)
         ctx.check_same("run config", cfg.to_dict())
@@ -347,10 +340,12 @@ class _Trainer:
         self.draw_gen = torch.Generator(device=self.device)  # reseeded per global batch (draw_seed)
         self._restore(ckpt)
         self.net = self._wrap_for_ddp()
+        if cfg.train.compile:  # the state keeps the plain model: checkpoints are the same either way
+            self.net = compile_network(self.net, self.device)
         self.params = list(self.state.model.parameters())
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.bf16
-                         else contextlib.nullcontext())
-        self.writer = self._writer()
+        self.precision = self.state.precision
+        self.step_loss = torch.zeros((), device=self.device)  # this optimizer step's logged loss, summed
+        self.writer = make_logger(self.cfg, self.paths.runs, self.ctx.is_main, resume=ckpt is not None, log=self.log)
         self.metric = None  # the training-time FID, built at its first use
         self.stopping = False
         self.steps_tried = self.steps_taken = 0
@@ -373,7 +368,13 @@ class _Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
         model, diffusion = self.task.build(self.cfg, self.device)
+        if self.init_from:  # --init-from: before the EMA copies the network and the optimizer takes it
+            from .export.init_from import load_initial_weights
+
+            load_initial_weights(model, self.cfg, self.init_from, self.log)
         model.train()
+        if t.channels_last:
+            channels_last(model)
         ema = EMA(model, t.ema_decay, t.ema_sigma_rel) if t.ema_decay > 0 and self.ctx.is_main else None
         flag = getattr(t, "grad_checkpoint", None)
         if flag is not None and hasattr(model, "set_grad_checkpointing"):
@@ -382,7 +383,7 @@ class _Trainer:
         total = t.epochs * math.ceil(self.n_batches / t.grad_accum)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, functools.partial(lr_factor, warmup=t.warmup_steps, total=total, schedule=t.lr_schedule))
-        return TrainState(model, ema, opt, sched), diffusion
+        return TrainState(model, ema, opt, sched, precision=Precision(t.precision, self.device, self.log)), diffusion
 
     def _restore(self, ckpt: dict[str, Any] | None) -> None:
         t, data = self.cfg.train, self.data
@@ -412,13 +413,6 @@ class _Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
-    def _writer(self):
-        if not self.ctx.is_main:
-            return _NoWriter()
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
-        return SummaryWriter(str(self.paths.runs))
-
     # --- the loop ---
 
     def run(self) -> dict[str, Any]:
@@ -445,7 +439,7 @@ class _Trainer:
             self.log(f"stopped at epoch {s.epoch}, step {s.step}; checkpoint saved to {self.paths.ckpt}. "
                      f"Run the same `{self.task.command}` command again to resume.")
         return {"status": status, "epoch": s.epoch, "step": s.step, "ckpt": self.paths.ckpt,
-                "nonfinite_skipped": s.skipped}
+                "nonfinite_skipped": s.skipped, "fp16_overflow_skipped": self.precision.overflows}
 
     def _epoch(self) -> bool:
         """Train from the current position to the end of the epoch; False when a stop ended it early."""
@@ -495,7 +489,8 @@ class _Trainer:
         no_sync = self.ctx.enabled and not last_of_group
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             loss, logged = self._loss(b, x, y)
-            (loss / group_n).backward()
+            self.precision.backward(loss / group_n)
+        self.step_loss += logged
         self.window.loss_sum += logged
         self.window.n += 1
         self.window.images += x.shape[0]
@@ -518,7 +513,7 @@ class _Trainer:
             drop = torch.rand(g, generator=self.draw_gen, device=self.device)[ctx.rank::ctx.world]
             net = LabelledNet(self.net, torch.where(drop < self.cfg.train.cond_drop, self.cfg.model.num_classes, y))
         _seed_dropout(self.device, draw_seed(seed, _DROPOUT, epoch, b, ctx.rank))
-        with self.autocast:
+        with self.precision.autocast():
             per_sample = self.loss_fn(net, x, draws)
         # DDP averages gradients over the ranks, so sum * world / g gives the gradient of the
         # global batch's mean loss even when ranks hold unequal shares (or none) of it.
@@ -528,13 +523,23 @@ class _Trainer:
     def _optimizer_step(self) -> torch.Tensor | None:
         """Clip and apply the accumulated gradient; its norm, or None when it was not finite (skipped).
 
-        After the all-reduce every rank holds the same gradients, so all ranks decide alike.
+        After the all-reduce every rank holds the same gradients, so all ranks decide alike. Under
+        fp16 the gradients are unscaled before clipping; a non-finite gradient of a finite loss is
+        an overflow of the loss scale, which the GradScaler backs off from (`Precision.overflowed`):
+        the step is skipped and counted, but not as a non-finite step.
         """
-        s, t = self.state, self.cfg.train
+        s, t, p = self.state, self.cfg.train, self.precision
         self.steps_tried += 1
+        step_loss, self.step_loss = self.step_loss, torch.zeros((), device=self.device)
+        p.unscale(s.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
             s.opt.zero_grad(set_to_none=True)
+            if p.scaler is not None and p.overflowed(not self.ctx.any(not torch.isfinite(step_loss))):
+                self.steps_tried -= 1  # loss scaling at work, not a non-finite step
+                self.log(f"fp16 gradient overflow at step {s.step}: step skipped, loss scale now {p.scale():g} "
+                         f"({p.overflows} skipped in all)")
+                return None
             s.bad_in_row += 1
             s.skipped += 1
             self.log(f"warning: non-finite loss or gradient at step {s.step}; step skipped "
@@ -544,7 +549,7 @@ class _Trainer:
                                 f"enable gradient clipping or check the data (last good checkpoint: {self.paths.ckpt})")
             return None
         s.bad_in_row = 0
-        s.opt.step()
+        p.step(s.opt)
         s.sched.step()
         s.opt.zero_grad(set_to_none=True)
         s.step += 1
@@ -556,7 +561,7 @@ class _Trainer:
     # --- logging and periodic actions ---
 
     def _log(self, norm: torch.Tensor, bar) -> None:
-        """Mean loss, learning rate and speed since the last log line, to TensorBoard and the history."""
+        """Mean loss, learning rate and speed since the last log line, to the logger and the history."""
         s, w = self.state, self.window
         loss_sum, images = w.loss_sum, w.images
         if self.ctx.enabled:  # global figures: sums of every rank's share
@@ -568,6 +573,8 @@ class _Trainer:
             self.writer.add_scalar(key, value, s.step)
             s.record(key, value)
         self.writer.add_scalar("grad_norm", float(norm), s.step)
+        if self.precision.scaler is not None:
+            self.writer.add_scalar("loss_scale", self.precision.scale(), s.step)
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images / dt:.0f}", step=s.step)
         self.window = _Window(torch.zeros((), device=self.device))
 
@@ -620,7 +627,7 @@ class _Trainer:
         else:
             images = self.diffusion.sample(self._sampling_model(), t.sample_n, sampler=t.sample_sampler,
                                            steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
-                                           bf16=t.bf16, progress=False)
+                                           bf16=self.precision.name, progress=False)
             save_images(images, self.paths.results / f"{name}.jpg", min_width=0 if t.native_grids else READABLE_WIDTH)
         return images
 
@@ -633,7 +640,8 @@ class _Trainer:
         per_class = max(1, t.sample_n // m.num_classes)
         images = generate(self.diffusion, self._sampling_model(), m.num_classes * per_class,
                           labels=class_rows(m.num_classes, per_class), sampler=t.sample_sampler,
-                          steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed, bf16=t.bf16)
+                          steps=min(t.sample_steps, self.cfg.diffusion.timesteps), seed=t.seed,
+                          bf16=self.precision.name)
         save_labelled_grid(images, class_names(m), per_class, self.paths.results / f"{name}.jpg",
                            min_width=0 if t.native_grids else READABLE_WIDTH)
         return images
@@ -648,7 +656,7 @@ class _Trainer:
 
             self.metric = TrainingMetric(self.data.images, t.eval_extractor, t.eval_n, t.eval_sampler,
                                          min(t.eval_steps, self.cfg.diffusion.timesteps), t.seed, device=self.device)
-        values = self.metric(self._sampling_model(), self.diffusion, t.bf16)
+        values = self.metric(self._sampling_model(), self.diffusion, self.precision.name)
         for key, value in values.items():
             self.writer.add_scalar(f"eval/{key}", value, step)
         self.state.record("fid", values["fid"])

@@ -90,7 +90,7 @@ class DistillTask(Task):
         """sample_n images with the student's own sampler and current step count."""
         t = trainer.cfg.train
         images = trainer.diffusion.sample(trainer._sampling_model(), t.sample_n, sampler=trainer.cfg.distill.sampler,
-                                          steps=self.steps_now(trainer.cfg), seed=t.seed, bf16=t.bf16,
+                                          steps=self.steps_now(trainer.cfg), seed=t.seed, bf16=t.precision,
                                           progress=False)
         save_images(images, trainer.paths.results / f"{name}.jpg")
         return images
