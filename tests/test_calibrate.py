@@ -88,8 +88,9 @@ def exact_error(sampler, sigmas, schedule="linear"):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_calibrated_levels_beat_karras_and_trailing_on_gaussian_data(schedule):
     den = ExactDenoiser("gauss", schedule)
-    results = calibrate.calibrate(den, (2, 1, 1), [3, 4, 6, 8], "ddim", n=64, batch_size=64)
-    for nfe, r in results.items():
+    results = calibrate.calibrate(den, (2, 1, 1), [3, 4, 6, 8], ["ddim"], n=64, batch_size=64)
+    assert list(results) == ["ddim"]
+    for nfe, r in results["ddim"].items():
         sigmas = r["sigmas"]
         assert len(sigmas) == nfe + 1 and sigmas[-1] == 0 and sigmas[0] == pytest.approx(min(den.sigma_max, 160))
         assert r["cost"] < min(r["compare"].values())  # the search's own objective
@@ -118,10 +119,10 @@ def _result(*levels):
 
 def test_schedules_file_round_trips_and_refuses_another_checkpoint(tmp_path):
     a, b = _checkpoint(tmp_path / "ckpt.pt"), _checkpoint(tmp_path / "steps4.pt", timesteps=30)
-    file = calibrate.save_schedules(a, "ipndm", {4: _result(80.0, 2.0, 0.5, 0.1, 0.0)}, {"samples": 8})
-    calibrate.save_schedules(a, "ipndm", {3: _result(80.0, 1.0, 0.2, 0.0)}, {"samples": 8})
-    calibrate.save_schedules(a, "heun", {5: _result(80.0, 1.0, 0.2, 0.0)}, {"samples": 8})
-    calibrate.save_schedules(b, "ipndm", {4: _result(60.0, 3.0, 0.7, 0.2, 0.0)}, {"samples": 8})
+    file = calibrate.save_schedules(a, {"ipndm": {4: _result(80.0, 2.0, 0.5, 0.1, 0.0)}}, {"samples": 8})
+    calibrate.save_schedules(a, {"ipndm": {3: _result(80.0, 1.0, 0.2, 0.0)}, "heun": {5: _result(80.0, 1.0, 0.2, 0.0)}},
+                             {"samples": 8})
+    calibrate.save_schedules(b, {"ipndm": {4: _result(60.0, 3.0, 0.7, 0.2, 0.0)}}, {"samples": 8})
     assert file == tmp_path / "schedules.json" and not list(tmp_path.glob(".*tmp*"))
     assert calibrate.load_schedule(a, "ipndm", 4).tolist() == pytest.approx([80.0, 2.0, 0.5, 0.1, 0.0])
     assert calibrate.load_schedule(a, "ipndm", 3).tolist() == pytest.approx([80.0, 1.0, 0.2, 0.0])
@@ -136,7 +137,7 @@ def test_schedules_file_round_trips_and_refuses_another_checkpoint(tmp_path):
     with pytest.raises(DdpmError, match="^" + re.escape(message) + "$"):
         calibrate.load_schedule(a, "ipndm", 4)
     assert calibrate.load_schedule(b, "ipndm", 4) is not None  # the other checkpoint's entry still holds
-    calibrate.save_schedules(a, "ipndm", {6: _result(80.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.0)}, {})
+    calibrate.save_schedules(a, {"ipndm": {6: _result(80.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.0)}}, {})
     assert calibrate.load_schedule(a, "ipndm", 4) is None  # a new calibration drops the stale entries
     assert len(calibrate.load_schedule(a, "ipndm", 6)) == 7
     file.write_text("{not json")
@@ -151,8 +152,8 @@ def test_default_schedule_is_used_announced_or_skipped(tmp_path):
     cfg = config_of(load_checkpoint(path))
     said = []
     assert calibrate.default_schedule(path, "ipndm", 4, cfg, said.append) is None and said == []  # no file
-    calibrate.save_schedules(path, "ipndm", {4: _result(80.0, 2.0, 0.5, 0.1, 0.0)}, {})
-    calibrate.save_schedules(path, "ipndm", {20: _result(*torch.linspace(80, 0.1, 20).tolist(), 0.0)}, {})
+    calibrate.save_schedules(path, {"ipndm": {4: _result(80.0, 2.0, 0.5, 0.1, 0.0),
+                                              20: _result(*torch.linspace(80, 0.1, 20).tolist(), 0.0)}}, {})
     assert calibrate.default_schedule(path, "ipndm", 4, cfg, said.append).tolist() == pytest.approx(
         [80.0, 2.0, 0.5, 0.1, 0.0])
     assert said == [f"sampling on the calibrated 4-NFE schedule of ipndm in {tmp_path / 'schedules.json'} "
@@ -193,14 +194,17 @@ def _run(capsys, *argv):
     (["--nfe", "0"], "argument --nfe: model-call counts must be >= 1, got '0' (see `ddpm calibrate --help`)"),
     (["--nfe", "six"], "argument --nfe: expects whole numbers separated by commas, e.g. 6,8; got 'six' "
                        "(see `ddpm calibrate --help`)"),
-    (["--nfe", "4", "--sampler", "ddpm"], None),
+    (["--nfe", "4", "--sampler", "ipndm,ddpm"], "cannot calibrate sampler 'ddpm'; choose one of "
+                                                "ddim, euler, heun, dpm++2m, dpm++3m, ipndm"),
+    (["--nfe", "3,4", "--sampler", "ipndm,heun"], "--nfe 4 is not a model-call count of heun; use an odd number "
+                                                  "(Heun makes 2*steps-1 calls)"),
     (["--nfe", "101"], "--nfe 101 needs 101 steps, more than the 100 candidate levels; use fewer"),
     (["--nfe", "4", "-n", "1"], "calibration needs at least 2 samples, got -n 1"),
 ])
 def test_bad_calibrate_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     rc, out, err = _run(capsys, "calibrate", "--ckpt", str(_checkpoint(tmp_path / "ckpt.pt")), *argv, "--no-progress")
     assert rc == 2 and out == "" and err.count("\n") == 1, err
-    assert err == f"ddpm: error: {message}\n" if message else err.startswith("ddpm: error: argument --sampler: invalid")
+    assert err == f"ddpm: error: {message}\n"
     assert not (tmp_path / "schedules.json").exists()
 
 
@@ -209,9 +213,12 @@ def test_calibrate_then_sample_and_eval_use_the_stored_levels(tmp_path, capsys, 
     rc, out, err = _run(capsys, "calibrate", "--ckpt", path, "--nfe", "3,4", "-n", "6", "--levels", "12",
                         "--no-progress", "--device", "cpu")
     assert rc == 0, err
-    assert "  3 NFE: sigmas " in out and out.endswith(f"wrote {tmp_path / 'schedules.json'}\n")
+    assert "  3 NFE (ddim, euler, dpm++2m, dpm++3m, ipndm): sigmas " in out and "  3 NFE (heun): sigmas " in out
+    assert "  4 NFE (ddim, euler, dpm++2m, dpm++3m, ipndm): sigmas " in out and "4 NFE (heun)" not in out
+    assert out.endswith(f"wrote {tmp_path / 'schedules.json'}\n")
     stored = calibrate.load_schedule(path, "ipndm", 3)
-    assert len(stored) == 4 and stored[-1] == 0
+    assert len(stored) == 4 and stored[-1] == 0 and torch.equal(calibrate.load_schedule(path, "dpm++2m", 3), stored)
+    assert len(calibrate.load_schedule(path, "heun", 3)) == 3 and calibrate.load_schedule(path, "heun", 4) is None
     used = []
     spec = samplers.SAMPLERS["ipndm"]
 

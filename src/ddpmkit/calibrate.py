@@ -1,8 +1,8 @@
 """Calibrated step schedules: the N noise levels of a few-step ODE sampler, searched per model.
 
-GITS, Chen et al. (2024), "On the Trajectory Regularity of ODE-based Diffusion Sampling", §4:
-the sampling trajectories of a diffusion model are regular enough that one schedule, found on a few
-hundred of them, serves every sample. The search has three parts.
+GITS, Chen et al. (2024), "On the Trajectory Regularity of ODE-based Diffusion Sampling" (ICML):
+the sampling trajectories of a diffusion model are regular enough that one schedule, found by
+dynamic programming on a few hundred of them, serves every sample. The search has three parts.
 
 1. Candidates. `levels` noise levels of Eq. (5) of Karras et al. (2022) (rho = 7) from the
    sampler's top level to sigma_min, then 0: g_0 > g_1 > ... > g_M = 0.
@@ -12,15 +12,19 @@ hundred of them, serves every sample. The search has three parts.
 3. Dynamic programming. One cheap step from the teacher's state at g_i to g_j (DDIM, which in these
    coordinates is Euler on dx/dsigma = (x - D) / sigma: x_j' = D_i + (g_j / g_i)(x_i - D_i)) has the
    local error e_ij = x_j - x_j'. Its cost is the root-mean-square of e_ij over the n samples,
-   scaled by w_j = s / sqrt(s^2 + g_j^2): the factor by which the exact flow of data with standard
-   deviation s (a Gaussian, Karras et al. 2022 App. B.2) shrinks an error at g_j on its way to
-   sigma = 0, s being the teacher samples' standard deviation. Without it errors made at sigma ~ 100
-   count ~200 times too much. Bellman's recursion over (steps taken, candidate reached) finds the
-   path g_0 -> ... -> g_M of exactly N steps with the least summed cost (GITS Alg. 1).
+   scaled by w_j = s / sqrt(s^2 + g_j^2): the factor by which the exact flow of Gaussian data with
+   standard deviation s, x(0) = x(sigma) s / sqrt(s^2 + sigma^2), shrinks an error made at g_j on
+   its way to sigma = 0 (s: the teacher samples' standard deviation). Unweighted, an error at
+   sigma ~ 100 counts ~200 times too much; on the digits model of benchmarks/bench_solvers.py the
+   weighted cost gave FD 35 / 35 / 40 with DDIM at 4 / 6 / 8 NFE, the unweighted 110 / 71 / 57.
+   Bellman's recursion over (steps taken, candidate reached) then finds the path
+   g_0 -> ... -> g_M of exactly N steps with the least summed cost.
 
 The path's first N levels are where the N model calls happen; its last step ends at 0 (DDIM's
 step to 0 returns D). Any of the deterministic samplers then runs on those levels (GITS pairs them
-with iPNDM); a sampler of 2 calls per step (Heun) gets (NFE + 1) / 2 steps.
+with iPNDM); a sampler of 2 calls per step (Heun) gets (NFE + 1) / 2 steps. GITS's own code
+searches the 61 levels of an iPNDM teacher and uses another cost; the grid, teacher and cost here
+are this module's choices.
 
 The costs only need inner products of the kept states, so each batch of trajectories adds its Gram
 matrix of [x_0 .. x_M, D_0 .. D_{M-1}] and is then dropped: memory is one batch of trajectories.
@@ -45,10 +49,9 @@ from tqdm.auto import tqdm
 from . import samplers, schedules
 from .errors import DdpmError
 
-DEFAULT_LEVELS = 100      # candidate levels: GITS searches a fine grid of this size (§5.1)
-DEFAULT_SAMPLES = 256     # teacher trajectories: GITS calibrates on 256 (§5.1)
+DEFAULT_LEVELS = 100      # candidate levels (GITS's reference code: 61)
+DEFAULT_SAMPLES = 256     # teacher trajectories, as GITS's reference code
 DEFAULT_SUBSTEPS = 2      # teacher DPM-Solver++(2M) steps per candidate interval
-DEFAULT_SAMPLER = "ipndm"
 SCHEDULES_FILE = "schedules.json"
 FILE_FORMAT = 1
 # The deterministic ODE samplers a schedule is calibrated for (the others have no single trajectory).
@@ -193,31 +196,51 @@ def schedule(cand: torch.Tensor, cost: np.ndarray, steps: int) -> tuple[torch.Te
     return cand[path].float(), total
 
 
-def calibrate(denoiser, shape: Sequence[int], nfes: Sequence[int], sampler: str = DEFAULT_SAMPLER, *,
+def calibration_plan(nfes: Sequence[int], names: Sequence[str] | None = None) -> dict[str, dict[int, int]]:
+    """{sampler: {nfe: steps}} to calibrate. `names` None: every sampler of CALIBRATED_SAMPLERS that can
+    make each NFE (Heun only odd ones); named samplers must make every one (else a one-line DdpmError)."""
+    if names is not None:
+        return {name: {nfe: nfe_to_steps(name, nfe) for nfe in nfes} for name in names}
+    plan = {}
+    for name in CALIBRATED_SAMPLERS:
+        valid = {nfe: steps for nfe in nfes if (steps := _steps_or_none(name, nfe)) is not None}
+        if valid:
+            plan[name] = valid
+    return plan
+
+
+def _steps_or_none(sampler: str, nfe: int) -> int | None:
+    try:
+        return nfe_to_steps(sampler, nfe)
+    except DdpmError:
+        return None
+
+
+def calibrate(denoiser, shape: Sequence[int], nfes: Sequence[int], names: Sequence[str] | None = None, *,
               n: int = DEFAULT_SAMPLES, levels: int = DEFAULT_LEVELS, substeps: int = DEFAULT_SUBSTEPS,
               seed: int = 0, batch_size: int = 64, device="cpu", weighted: bool = True,
-              progress: bool = False) -> dict[int, dict]:
-    """Calibrated levels of `sampler` for each of `nfes` on `denoiser`: {nfe: {"sigmas": levels ending
+              progress: bool = False) -> dict[str, dict[int, dict]]:
+    """Calibrated levels on `denoiser` for each of `nfes` and each sampler of `names` (None: every
+    one that can make that NFE, see `calibration_plan`): {sampler: {nfe: {"sigmas": levels ending
     with 0, "cost": the path's summed cost, "compare": {spacing: the summed cost of that spacing's
-    levels, each moved to its nearest candidate}}}."""
-    steps = {nfe: nfe_to_steps(sampler, nfe) for nfe in nfes}
-    for nfe, k in steps.items():
-        if k > levels:
-            raise DdpmError(f"--nfe {nfe} needs {k} steps, more than the {levels} candidate levels; use fewer")
+    levels, each moved to its nearest candidate}}}}. The step cost is the same for every sampler, so
+    samplers of one call per step share the levels of an NFE; Heun gets (NFE + 1) / 2 steps."""
+    plan = calibration_plan(nfes, names)
+    for table in plan.values():
+        for nfe, k in table.items():
+            if k > levels:
+                raise DdpmError(f"--nfe {nfe} needs {k} steps, more than the {levels} candidate levels; use fewer")
     cand, cost = calibration_costs(denoiser, shape, n=n, levels=levels, substeps=substeps, seed=seed,
                                    batch_size=batch_size, device=device, weighted=weighted, progress=progress)
-    discrete = getattr(denoiser, "discrete_sigmas", None)
-    out = {}
-    for nfe, k in steps.items():
+    spacings = ("karras", "trailing") if getattr(denoiser, "discrete_sigmas", None) is not None else ("karras",)
+    found: dict[int, dict] = {}  # by steps
+    for k in sorted({k for table in plan.values() for k in table.values()}):
         sigmas, total = schedule(cand, cost, k)
-        compare = {}
-        for spacing in ("karras", "trailing"):
-            if spacing == "trailing" and discrete is None:
-                continue
-            ref = samplers.sampler_sigmas(denoiser, sampler, k, spacing)
-            compare[spacing] = path_cost(cost, nearest_path(cand, ref))
-        out[nfe] = {"sigmas": sigmas, "cost": total, "compare": compare}
-    return out
+        compare = {sp: path_cost(cost, nearest_path(cand, samplers.make_sigmas(
+            getattr(denoiser, "discrete_sigmas", None), k, sp, getattr(denoiser, "sigma_min", None),
+            getattr(denoiser, "sigma_max", None)))) for sp in spacings}
+        found[k] = {"sigmas": sigmas, "cost": total, "compare": compare}
+    return {name: {nfe: found[k] for nfe, k in table.items()} for name, table in plan.items()}
 
 
 # --------------------------------------------------------------------------- the stored file
@@ -247,9 +270,10 @@ def _read(file: Path) -> dict:
     return data
 
 
-def save_schedules(ckpt: str | Path, sampler: str, results: dict[int, dict], settings: dict) -> Path:
-    """Merge `results` (from `calibrate`) into schedules.json beside `ckpt`, under its file name and
-    SHA-256 (entries stored for an older version of that file are dropped); written atomically."""
+def save_schedules(ckpt: str | Path, results: dict[str, dict[int, dict]], settings: dict) -> Path:
+    """Merge `results` (from `calibrate`: {sampler: {nfe: result}}) into schedules.json beside `ckpt`,
+    under its file name and SHA-256 (entries stored for an older version of that file are dropped);
+    written atomically."""
     ckpt = Path(ckpt)
     file = schedules_path(ckpt)
     data = _read(file) if file.exists() else {"format": FILE_FORMAT, "checkpoints": {}}
@@ -257,10 +281,11 @@ def save_schedules(ckpt: str | Path, sampler: str, results: dict[int, dict], set
     entry = data["checkpoints"].get(ckpt.name)
     if not isinstance(entry, dict) or entry.get("sha256") != identity:
         entry = {"sha256": identity, "schedules": {}}
-    table = entry["schedules"].setdefault(sampler, {})
-    for nfe, result in results.items():
-        table[str(nfe)] = {"sigmas": [float(s) for s in result["sigmas"]], "cost": result["cost"],
-                           "compare": result["compare"], **settings}
+    for sampler, table in results.items():
+        stored = entry["schedules"].setdefault(sampler, {})
+        for nfe, result in table.items():
+            stored[str(nfe)] = {"sigmas": [float(s) for s in result["sigmas"]], "cost": result["cost"],
+                                "compare": result["compare"], **settings}
     data["checkpoints"][ckpt.name] = entry
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     try:

@@ -7,6 +7,7 @@ CALIBRATE_EXAMPLES = """examples:
   ddpm calibrate --ckpt models/digits/ckpt.pt --nfe 6,8
   ddpm sample --ckpt models/digits/ckpt.pt --sampler ipndm --steps 8    # uses the stored 8-NFE schedule
   ddpm sample --ckpt models/digits/ckpt.pt --sampler ipndm --steps 8 --spacing trailing   # does not
+  ddpm calibrate --ckpt models/digits/ckpt.pt --nfe 9 --sampler heun    # Heun: 5 steps, 9 model calls
 """
 
 
@@ -20,8 +21,12 @@ def _nfe_list(text: str) -> list[int]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def add_parser(sub, positive_int) -> None:
-    from .calibrate import CALIBRATED_SAMPLERS, DEFAULT_LEVELS, DEFAULT_SAMPLER, DEFAULT_SAMPLES, SCHEDULES_FILE
+    from .calibrate import CALIBRATED_SAMPLERS, DEFAULT_LEVELS, DEFAULT_SAMPLES, SCHEDULES_FILE
 
     p = sub.add_parser("calibrate", help="search a few-step schedule for a checkpoint (GITS)",
                        epilog=CALIBRATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,8 +38,9 @@ def add_parser(sub, positive_int) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by `ddpm train`")
     p.add_argument("--nfe", required=True, type=_nfe_list, metavar="N[,N...]",
                    help="model calls per sample, one or more (e.g. 6,8); Heun needs odd counts")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=CALIBRATED_SAMPLERS,
-                   help=f"the sampler the schedule is for (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--sampler", type=_names, default=None, metavar="S[,S...]",
+                   help=f"the samplers to store it for, of {', '.join(CALIBRATED_SAMPLERS)} (default: every one "
+                   "that can make the NFE; those of one call per step share one schedule per NFE)")
     p.add_argument("-n", type=positive_int, default=DEFAULT_SAMPLES,
                    help=f"teacher trajectories (default: {DEFAULT_SAMPLES})")
     p.add_argument("--levels", type=positive_int, default=DEFAULT_LEVELS,
@@ -55,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .train import resolve_device
 
-    for nfe in args.nfe:  # bad counts fail before the model loads
-        calibrate.nfe_to_steps(args.sampler, nfe)
+    calibrate.calibration_plan(args.nfe, args.sampler)  # bad samplers and counts fail before the model loads
     if args.levels < 2:
         raise DdpmError(f"--levels must be >= 2, got {args.levels}")
     model, diffusion, cfg = load_model(args.ckpt, resolve_device(args.device))
@@ -71,11 +76,15 @@ def run(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
     settings = {"samples": args.n, "levels": args.levels, "seed": args.seed,
                 "clip": bool(diffusion.clip_denoised if clip is None else clip)}
-    path = calibrate.save_schedules(args.ckpt, args.sampler, results, settings)
-    print(f"calibrated {args.sampler} on {args.n} trajectories in {time.perf_counter() - start:.0f} s")
-    for nfe, r in results.items():
+    path = calibrate.save_schedules(args.ckpt, results, settings)
+    print(f"calibrated on {args.n} teacher trajectories in {time.perf_counter() - start:.0f} s")
+    lines: dict[tuple, list[str]] = {}  # one line per NFE and schedule, naming its samplers
+    for name, table in results.items():
+        for nfe, r in table.items():
+            lines.setdefault((nfe, tuple(float(s) for s in r["sigmas"])), [r, []])[1].append(name)
+    for (nfe, sigmas), (r, names) in sorted(lines.items()):
         others = ", ".join(f"{k} {v:.4f}" for k, v in r["compare"].items())
-        print(f"  {nfe} NFE: sigmas {' '.join(f'{float(s):.4g}' for s in r['sigmas'])}; summed local error "
-              f"{r['cost']:.4f} ({others})")
+        print(f"  {nfe} NFE ({', '.join(names)}): sigmas {' '.join(f'{s:.4g}' for s in sigmas)}; summed local "
+              f"error {r['cost']:.4f} ({others})")
     print(f"wrote {path}")
     return 0
