@@ -306,14 +306,14 @@ def load_schedule(ckpt: str | Path, sampler: str, nfe: int) -> torch.Tensor | No
     if not file.is_file():
         return None
     entry = _read(file)["checkpoints"].get(ckpt.name)
-    if entry is None:
+    stored = None if entry is None else entry.get("schedules", {}).get(sampler, {}).get(str(nfe))
+    if stored is None:
         return None
+    # Hashed only when a schedule is stored: `ddpm sample` calls this on every run, and a large
+    # checkpoint takes a while to read.
     if entry.get("sha256") != checkpoint_identity(ckpt):
         raise DdpmError(f"{file} was calibrated for another version of {ckpt.name}; run `ddpm calibrate --ckpt "
                         f"{ckpt} --nfe {nfe}` again")
-    stored = entry.get("schedules", {}).get(sampler, {}).get(str(nfe))
-    if stored is None:
-        return None
     return torch.tensor(stored["sigmas"], dtype=torch.float32)
 
 
