@@ -21,8 +21,10 @@ diffusers = pytest.importorskip("diffusers")  # the `test` extra installs it
 
 def shrunk(name: str, time_dim: int = 68, **kw):
     """Preset `name`'s structure (levels, attention levels, residual blocks, heads, dropout) at base
-    width 68, where every GroupNorm of the network has 17 groups, as UNet2DModel needs."""
-    return dataclasses.replace(PRESETS[name], size="custom", base_channels=68, time_dim=time_dim, **kw)
+    width 68 with groups chosen per width (norm_groups=0), which gives every GroupNorm 17 groups, and
+    time features as wide as time_dim (time_features=0)."""
+    return dataclasses.replace(PRESETS[name], size="custom", base_channels=68, time_dim=time_dim,
+                               **{"time_features": 0, "norm_groups": 0, **kw})
 
 
 def randomize(net: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -31,6 +33,16 @@ def randomize(net: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return net.eval()
+
+
+def perturb(net: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """The initial weights plus small noise, so no layer is zero (ADM zero-initializes its output convs)
+    and a deep preset's activations stay of order one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
     return net.eval()
 
 
@@ -44,6 +56,7 @@ def unet2d(m, c_in, c_out, size, state):
 CASES = {  # name: (model config, image channels, output channels, image size)
     "tiny": (shrunk("tiny"), 3, 3, 16),
     "small-grey-narrow-time": (shrunk("small", time_dim=64), 1, 1, 16),  # 64 < 68: UNet2DModel's freq_shift path
+    "small-features-under-mlp": (shrunk("small", time_dim=64, time_features=36), 3, 3, 8),  # 36 < 64 <= 68
     "cifar": (shrunk("cifar"), 3, 3, 8),
     "class-conditional": (shrunk("tiny", num_classes=3), 3, 3, 8),
     "learned-variance": (shrunk("tiny"), 3, 6, 8),
@@ -66,6 +79,55 @@ def test_exported_unet_computes_ddpmkits_network(case):
     back = fmt.from_diffusers(unet.state_dict(), m)  # the inverse mapping gives the same tensors back
     assert back.keys() == net.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+
+
+PRESET_CASES = {  # name: (model overrides, image size); the presets as they are today
+    "tiny": ({"size": "tiny"}, 16),
+    "small": ({"size": "small"}, 16),
+    "cifar": ({"size": "cifar"}, 8),
+    "tiny-class-conditional": ({"size": "tiny", "num_classes": 3}, 8),
+}
+
+
+def preset_checkpoint(path, model: dict, size: int):
+    """A checkpoint of a preset network with perturbed initial weights (no EMA); returns (cfg, network)."""
+    cfg = validate(apply_overrides(new_run_config(), {"model": model, "data": {"channels": 3, "image_size": size}}))
+    net = perturb(model_from_config(cfg)[0], seed=size + cfg.model.base_channels + cfg.model.num_classes)
+    torch.save({"format_version": 1, "config": cfg.to_dict(), "model_state_dict": net.state_dict(), "epoch": 0}, path)
+    return cfg, net
+
+
+@pytest.mark.parametrize("case", sorted(PRESET_CASES))
+def test_each_adm_preset_exports_to_a_unet2dmodel_that_computes_it(tmp_path, case):
+    model, size = PRESET_CASES[case]
+    cfg, net = preset_checkpoint(tmp_path / "ckpt.pt", model, size)
+    m = cfg.model
+    assert m.arch == "adm" and 0 < m.time_features < m.time_dim and m.norm_groups > 0  # features narrower than the MLP
+    fmt.export_diffusers(tmp_path / "ckpt.pt", tmp_path / "pipe")
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
+    c = unet.config
+    assert (c.block_out_channels[0] - 2 * c.freq_shift, c.time_embedding_dim) == (m.time_features, m.time_dim)
+    assert c.norm_num_groups == c.attn_norm_num_groups == m.norm_groups
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, size, size, generator=g)
+    y = torch.tensor([0, 1, 2, 3]) if m.num_classes else None  # 3 = the null class, a row of both tables
+    for t in ([0, 1, 2, 3], [10, 250, 600, 999], [999, 998, 37, 500]):
+        t = torch.tensor(t)
+        with torch.no_grad():
+            ours, theirs = net(x, t, y), unet(x, t, class_labels=y).sample
+        assert ours.abs().mean() > 0.05  # a real signal, not two zero outputs
+        assert (ours - theirs).abs().max() < 1e-5, (ours - theirs).abs().max()
+
+
+def test_ddpmpipeline_samples_the_tiny_preset_export(tmp_path):
+    preset_checkpoint(tmp_path / "ckpt.pt", {"size": "tiny"}, 16)
+    fmt.export_diffusers(tmp_path / "ckpt.pt", tmp_path / "pipe")
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 3) and images.min() >= 0 and images.max() <= 1
+    assert images.std() > 0.01  # an image, not a constant
 
 
 def diffusion_cfg(**kw):
@@ -139,10 +201,19 @@ def one_line_error(capsys, code):
 
 
 @pytest.mark.parametrize("model,diffusion,expected", [
-    ({"size": "tiny"}, {}, ["GroupNorms use different group counts (8 at 32", "time_dim=256 wide"]),
+    # tiny as it was before its time features and groups matched UNet2DModel: refused, with the fix
+    ({"size": "tiny", "time_features": 0, "norm_groups": 0}, {},
+     ["GroupNorms use different group counts (8 at 32", "timestep features are 256 wide", "block_out_channels[0]=32",
+      "'tiny' network from before the presets matched UNet2DModel", "train a new run with --model-size tiny",
+      "--init-from cannot carry these weights", "reads 256 features, the preset's 32"]),
+    ({"size": "small", "norm_groups": 0}, {},  # groups per width, today's time features
+     ["group counts (16 at 64", "today's small (time_features=64, norm_groups=16) exports exactly",
+      "the preset has 16 GroupNorm groups throughout"]),
+    (dict(ADM68, time_features=136, time_dim=136), {}, ["features are 136 wide (model.time_features=136"]),
     ({"size": "seed"}, {}, ["the seed UNet"]),
     (ADM68, {"objective": "edm"}, ["EDM objective"]),
-    (dict(ADM68, time_dim=272), {}, ["time_dim=272 wide, UNet2DModel's block_out_channels[0]=68"]),
+    (dict(ADM68, time_dim=272), {}, ["features are 272 wide (model.time_features=0, time_dim=272), UNet2DModel's "
+                                     "block_out_channels[0]=68"]),
     (dict(ADM68, channel_mults=[1, 2], attn_levels=[0]), {}, ["attention heads are 17 and 34 channels wide"]),
 ])
 def test_configs_that_cannot_map_exactly_are_refused_in_one_line(tmp_path, capsys, model, diffusion, expected):
@@ -152,6 +223,7 @@ def test_configs_that_cannot_map_exactly_are_refused_in_one_line(tmp_path, capsy
     assert "cannot export" in err and "--format ddpmkit" in err
     for part in expected:
         assert part in err, err
+    assert ("train a new run with --model-size" in err) == (model["size"] in ("tiny", "small"))  # ADM presets only
     assert not (tmp_path / "o").exists()  # nothing written
 
 

@@ -9,8 +9,9 @@ from ddpmkit import UNet
 from ddpmkit.checkpoint import model_from_config
 from ddpmkit.cli import main
 from ddpmkit.config import apply_overrides, new_run_config, validate
-from ddpmkit.export.init_from import read_source
+from ddpmkit.export.init_from import _options_for, check_source, read_source
 from ddpmkit.loading import load_model
+from ddpmkit.models.registry import build_model
 from test_train import assert_same_training_state, states
 
 ADM68 = {"size": "custom", "arch": "adm", "base_channels": 68, "channel_mults": [1, 2], "attn_levels": [1],
@@ -33,11 +34,20 @@ def randomize(net, seed):
     return net.eval()
 
 
-def checkpoint(path, model=ADM68, channels=3, learn_sigma=False):
+def perturb(net, seed, scale=0.02):
+    """The initial weights plus small noise: no layer stays zero, and a deep preset's activations stay of order one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
+
+
+def checkpoint(path, model=ADM68, channels=3, learn_sigma=False, weights=randomize):
     """A ddpmkit checkpoint of `model` with random raw and (different) EMA weights; returns (cfg, ema network)."""
     cfg = validate(apply_overrides(new_run_config(), {"model": model, "diffusion": {"learn_sigma": learn_sigma},
                                                       "data": {"channels": channels, "image_size": 8}}))
-    raw, ema = (randomize(model_from_config(cfg)[0], seed) for seed in (1, 2))
+    raw, ema = (weights(model_from_config(cfg)[0], seed) for seed in (1, 2))
     torch.save({"format_version": 1, "config": cfg.to_dict(), "model_state_dict": raw.state_dict(),
                 "ema_state_dict": ema.state_dict(), "epoch": 0}, path)
     return cfg, ema
@@ -74,6 +84,50 @@ def test_each_source_gives_back_the_exported_network(tmp_path, capsys, source):
     net = model_from_config(cfg)[0].eval()
     net.load_state_dict(src.state)
     assert torch.equal(outputs(net), outputs(ema))  # export -> diffusers -> init-from: the same network
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "cifar"])
+def test_a_diffusers_export_of_each_preset_comes_back_as_that_preset(tmp_path, preset):
+    cfg, ema = checkpoint(tmp_path / "ckpt.pt", {"size": preset}, weights=perturb)
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "pipe"),
+                 "--format", "diffusers"]) == 0
+    src = read_source(tmp_path / "pipe")
+    m = src.model
+    assert (m.time_dim, m.time_features, m.norm_groups) == \
+        (cfg.model.time_dim, cfg.model.time_features, cfg.model.norm_groups)
+    assert _options_for(m) == f"--model-size {preset}"  # what init-from's refusals would suggest
+    net = model_from_config(cfg)[0].eval()
+    check_source(src, net, cfg)  # a run with --model-size PRESET takes the folder without a difference
+    net.load_state_dict(src.state)
+    assert outputs(ema).abs().mean() > 0.05 and torch.equal(outputs(net), outputs(ema))
+    own = build_model(m, 3, 3).eval()  # the config read from the folder builds the same network by itself
+    own.load_state_dict(src.state)
+    assert torch.equal(outputs(own), outputs(ema))
+
+
+@pytest.mark.parametrize("freq_shift", [0, 4])
+def test_an_adm_shaped_unet2dmodel_with_its_default_time_width_is_read_exactly(tmp_path, freq_shift):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(  # time_embedding_dim left to diffusers: 4 * block_out_channels[0] = 128
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attn_norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16, flip_sin_to_cos=False, freq_shift=freq_shift, resnet_time_scale_shift="scale_shift")
+    perturb(unet, seed=freq_shift)
+    with torch.no_grad():  # a shift leaves 2 * shift frequencies ddpmkit does not have: the MLP must not read them
+        w = unet.time_embedding.linear_1.weight
+        w[:, 16 - freq_shift:16] = 0
+        w[:, 32 - freq_shift:] = 0
+    unet.save_pretrained(tmp_path / "unet")
+    src = read_source(tmp_path / "unet")
+    m = src.model
+    assert (m.time_dim, m.time_features, m.norm_groups, m.num_heads) == (128, 32 - 2 * freq_shift, 8, 4)
+    net = build_model(m, 3, 3).eval()
+    net.load_state_dict(src.state)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        ours, theirs = net(x, t), unet(x, t).sample
+    assert ours.abs().mean() > 0.05 and (ours - theirs).abs().max() < 1e-5
 
 
 def train_args(folder, workdir, epochs, *extra):
@@ -124,7 +178,16 @@ def test_another_network_is_refused_in_one_line_naming_what_differs(image_folder
                                                  "--init-from", str(tmp_path / "adm68.pt"))))
     assert "init-from: level widths [68, 136] in the file, [32, 64, 64] in this run's model" in err
     assert "time_dim 68 in the file, 256 in this run's model" in err and "--model-size tiny" in err
+    assert "time features 68 in the file, 32 in this run's model" in err
+    assert "GroupNorm groups 17 in the file, 8 in this run's model" in err
     assert "--set model.base_channels=68" in err
+    # tiny as it was before its time features and groups matched UNet2DModel: not today's tiny
+    checkpoint(tmp_path / "old_tiny.pt", {"size": "tiny", "time_features": 0, "norm_groups": 0})
+    err = one_line_error(capsys, main(train_args(image_folder, tmp_path / "w", 1, "--model-size", "tiny",
+                                                 "--init-from", str(tmp_path / "old_tiny.pt"))))
+    assert "time features 256 in the file, 32 in this run's model" in err
+    assert "GroupNorm groups 8 at 32, 16 at 64" in err and "8 in this run's model" in err
+    assert "--set model.time_features" not in err and "model.norm_groups" not in err  # 0 for that file
     checkpoint(tmp_path / "grey.pt", channels=1)
     err = one_line_error(capsys, main(train_args(image_folder, tmp_path / "w", 1, "--init-from",
                                                  str(tmp_path / "grey.pt"), *ADM68_FLAGS)))

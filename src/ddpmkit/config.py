@@ -31,6 +31,8 @@ class ModelConfig:
     attn_levels: tuple[int, ...] = (0, 1, 2, 3)    # levels with self-attention; level k is image_size / 2**k
     num_heads: int = 4                       # attention heads
     time_dim: int = 256                      # sinusoidal time-embedding width (adm: also its MLP's width)
+    time_features: int = 0                   # adm: width of the sinusoidal features the time MLP reads (0: time_dim)
+    norm_groups: int = 0                     # adm: groups of every GroupNorm (0: chosen per width, adm.norm_groups)
     dropout: float = 0.0                     # dropout inside the conv blocks
     num_res_blocks: int = 2                  # adm: residual blocks per level (the decoder has one more); unet: unused
     num_classes: int = 0                     # > 0: class-conditional (set by train.class_cond from the data's classes)
@@ -45,19 +47,23 @@ ARCHS = ("unet", "adm")
 # fields, not the name's meaning, so changing a preset never changes an old checkpoint's model;
 # checkpoints from before `arch` existed load as arch="unet".
 PRESETS: dict[str, ModelConfig] = {
-    # 1.46M parameters: the CPU demo (16x16 or 32x32 images); about the old UNet tiny's cost per image.
+    # The ADM presets read sinusoidal time features as wide as their first level and use one GroupNorm
+    # group count throughout, so each maps exactly onto diffusers' UNet2DModel (`ddpm export --format
+    # diffusers`). Checkpoints store their fields, so runs made before this keep their networks.
+    # 1.40M parameters: the CPU demo (16x16 or 32x32 images); about the old UNet tiny's cost per image.
     "tiny": ModelConfig(size="tiny", arch="adm", base_channels=32, channel_mults=(1, 2, 2), attn_levels=(2,),
-                        num_heads=4, time_dim=256, num_res_blocks=1),
+                        num_heads=4, time_dim=256, num_res_blocks=1, time_features=32, norm_groups=8),
     # 7.7M parameters: small datasets at 32x32 on one GPU or a patient CPU.
     "small": ModelConfig(size="small", arch="adm", base_channels=64, channel_mults=(1, 1, 2, 2), attn_levels=(2,),
-                         num_heads=4, time_dim=256, num_res_blocks=2),
+                         num_heads=4, time_dim=256, num_res_blocks=2, time_features=64, norm_groups=16),
     # The seed tutorial's UNet (23.3M at 3 channels): attention after every Down and Up block.
     "seed": ModelConfig(size="seed", arch="unet", base_channels=64, channel_mults=(1, 2, 4, 4),
                         attn_levels=(0, 1, 2, 3), num_heads=4, time_dim=256),
     # 31.4M parameters, DDPM-CIFAR-10's layout (Ho et al. 2020, App. B: 128 channels, 35.7M) at 120 channels:
     # 2 residual blocks per level, attention at 16x16, dropout 0.1.
     "cifar": ModelConfig(size="cifar", arch="adm", base_channels=120, channel_mults=(1, 2, 2, 2), attn_levels=(1,),
-                         num_heads=4, time_dim=256, dropout=0.1, num_res_blocks=2),
+                         num_heads=4, time_dim=256, dropout=0.1, num_res_blocks=2, time_features=120,
+                         norm_groups=30),
 }
 
 
@@ -399,6 +405,12 @@ def _validate_model(cfg: Config) -> None:
     _check(all(w % m.num_heads == 0 for w in widths),
            f"model.num_heads={m.num_heads} must divide every level's width {widths}")
     _check(m.time_dim >= 2 and m.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {m.time_dim}")
+    _check(m.time_features == 0 or (m.time_features >= 2 and m.time_features % 2 == 0),
+           f"model.time_features must be 0 (= time_dim) or even and >= 2, got {m.time_features}")
+    _check(m.norm_groups >= 0 and all(w % m.norm_groups == 0 for w in widths if m.norm_groups),
+           f"model.norm_groups={m.norm_groups} must be 0 (per width) or divide every level's width {widths}")
+    _check(m.arch == "adm" or (m.time_features == 0 and m.norm_groups == 0),
+           "model.time_features and model.norm_groups apply to arch 'adm' only; set them to 0")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.size in PRESETS or m.size == "custom", f"model.size '{m.size}' is not one of {sorted(PRESETS)}")
     _check(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")

@@ -20,18 +20,22 @@ concatenated after the decoder's input, a middle of ResBlock-Attention-ResBlock,
 embedding added to the time embedding (`num_class_embeds`), and a GroupNorm-SiLU-conv head. The
 weights are mapped by walking both layouts level by level (`_pairs`), never by key order.
 
-Three ADM details of ddpmkit have no UNet2DModel setting when they differ across the network,
-and such configs are refused (`export_problems`):
-  * GroupNorm groups. ddpmkit picks each norm's groups from its width (`models.adm.norm_groups`:
-    8 at 32 channels, 16 at 64, 24 at 96, 32 from 128); UNet2DModel has one `norm_num_groups`
-    for every norm. Widths that are multiples of 32 and at least 128 give 32 groups everywhere.
-  * The width of the sinusoidal timestep features. ddpmkit's are `model.time_dim` wide,
-    UNet2DModel's `block_out_channels[0]` wide. Equal widths map exactly; when time_dim is
-    smaller, `freq_shift` makes UNet2DModel's first time_dim / 2 frequencies ddpmkit's and the
-    others get zero weights. A time_dim above the first level's width cannot be expressed.
+Three ADM details are settings of both networks and must agree (`model_problems` refuses,
+in one line naming the reason, a config where they cannot):
+  * GroupNorm groups. UNet2DModel has one `norm_num_groups` for every norm; ddpmkit's ADM has
+    `model.norm_groups` for all of them, or, when that is 0, picks each norm's groups from its
+    width (`models.adm.norm_groups`: 8 at 32 channels, 16 at 64, 32 from 128), which maps only
+    when every width gets the same count.
+  * The sinusoidal timestep features. ddpmkit's time MLP reads `model.time_features` of them
+    (0: `model.time_dim`), UNet2DModel's `block_out_channels[0]`; the MLP's width is `time_dim`
+    in both (`time_embedding_dim`). Equal feature widths map exactly; a narrower ddpmkit width
+    maps through `freq_shift`, which makes UNet2DModel's first time_features / 2 frequencies
+    ddpmkit's, with zero weights on the others. Wider features cannot be expressed.
   * The attention head width: ddpmkit fixes the number of heads, UNet2DModel the head width
     (`attention_head_dim`), so every attention layer must have the same width.
-The presets tiny, small and cifar (time_dim 256, widths 32-240) fail the first two.
+The ADM presets (tiny, small, cifar) read features as wide as their first level and use one
+group count throughout, so each exports exactly. Checkpoints made with the earlier presets
+(256 time features and groups chosen per width) do not, and the refusal says so.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import config_of, load_checkpoint, load_state, model_from_config
-from ..config import Config, ModelConfig
+from ..config import PRESETS, Config, ModelConfig
 from ..errors import DdpmError
 
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
@@ -80,6 +84,22 @@ def _attention_widths(m: ModelConfig) -> set[int]:
     return {widths[k] for k in m.attn_levels} | {widths[-1]}
 
 
+def time_features(m: ModelConfig) -> int:
+    """Width of the sinusoidal timestep features the ADM network `m` reads (`model.time_features`, 0: time_dim)."""
+    return m.time_features or m.time_dim
+
+
+def _current_preset(m: ModelConfig, c_in: int, c_out: int) -> str | None:
+    """The preset `m` is named after, when today's preset maps onto UNet2DModel and `m`'s time
+    features or GroupNorms differ from it (a checkpoint of an earlier preset); None otherwise."""
+    p = PRESETS.get(m.size)
+    if p is None or p.arch != "adm" or not p.norm_groups or not p.time_features:
+        return None
+    if (time_features(m), m.norm_groups) == (p.time_features, p.norm_groups):
+        return None
+    return m.size if not model_problems(p, c_in, c_out) else None
+
+
 def model_problems(m: ModelConfig, c_in: int, c_out: int) -> list[str]:
     """Why UNet2DModel cannot compute the network `m` describes exactly; [] when it can."""
     if m.arch != "adm":
@@ -92,15 +112,26 @@ def model_problems(m: ModelConfig, c_in: int, c_out: int) -> list[str]:
     if len(set(groups.values())) > 1:
         listed = ", ".join(f"{g} at {c}" for c, g in sorted(groups.items()))
         problems.append(f"its GroupNorms use different group counts ({listed} channels) while UNet2DModel has one "
-                        "norm_num_groups (widths that are multiples of 32 and >= 128 give 32 everywhere)")
-    first = _widths(m)[0]
-    if m.time_dim > first:
-        problems.append(f"its timestep features are model.time_dim={m.time_dim} wide, UNet2DModel's "
-                        f"block_out_channels[0]={first} wide (needs time_dim <= base_channels * channel_mults[0])")
+                        "norm_num_groups (model.norm_groups gives every GroupNorm the same count)")
+    first, features = _widths(m)[0], time_features(m)
+    if features > first:
+        problems.append(f"its sinusoidal timestep features are {features} wide (model.time_features="
+                        f"{m.time_features}, time_dim={m.time_dim}), UNet2DModel's block_out_channels[0]={first} "
+                        "wide (needs model.time_features <= base_channels * channel_mults[0])")
     heads = sorted({w // m.num_heads for w in _attention_widths(m)})
     if len(heads) > 1:
         problems.append(f"its attention heads are {' and '.join(map(str, heads))} channels wide at different levels "
                         "(num_heads fixed), UNet2DModel has one attention_head_dim")
+    preset = _current_preset(m, c_in, c_out) if problems else None
+    if preset:
+        p = PRESETS[preset]
+        why = (f"their time MLP reads {time_features(m)} features, the preset's {p.time_features}"
+               if time_features(m) != p.time_features
+               else f"the preset has {p.norm_groups} GroupNorm groups throughout")
+        problems.append(f"it is a '{preset}' network from before the presets matched UNet2DModel (or with "
+                        f"model.time_features / model.norm_groups changed); today's {preset} (time_features="
+                        f"{p.time_features}, norm_groups={p.norm_groups}) exports exactly, so train a new run with "
+                        f"--model-size {preset} (--init-from cannot carry these weights into it: {why})")
     return problems
 
 
@@ -166,10 +197,10 @@ def _pairs(m: ModelConfig) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def _time_columns(time_dim: int, first_width: int) -> torch.Tensor:
-    """Where ddpmkit's timestep features [sin(t w_i), cos(t w_i)], i < time_dim / 2, sit among
+def _time_columns(features: int, first_width: int) -> torch.Tensor:
+    """Where ddpmkit's timestep features [sin(t w_i), cos(t w_i)], i < features / 2, sit among
     UNet2DModel's [sin(t w'_j), cos(t w'_j)], j < first_width // 2, with w'_j = w_j (`freq_shift`)."""
-    half, half_d = time_dim // 2, first_width // 2
+    half, half_d = features // 2, first_width // 2
     return torch.cat([torch.arange(half), half_d + torch.arange(half)])
 
 
@@ -191,7 +222,7 @@ def to_diffusers(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, to
                 out[f"{b}.{suffix}"] = w.flatten(1) if suffix == "weight" else w
             elif kind == "time" and suffix == "weight":
                 full = w.new_zeros(w.shape[0], first)
-                full[:, _time_columns(m.time_dim, first)] = w
+                full[:, _time_columns(time_features(m), first)] = w
                 out[f"{b}.{suffix}"] = full
             else:
                 out[f"{b}.{suffix}"] = w
@@ -222,12 +253,12 @@ def from_diffusers(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
                 if kind == "proj" and suffix == "weight":
                     w = w[:, :, None, None]
                 elif kind == "time" and suffix == "weight":
-                    cols = _time_columns(m.time_dim, first)
+                    cols = _time_columns(time_features(m), first)
                     rest = torch.ones(w.shape[1], dtype=torch.bool)
                     rest[cols] = False
                     if bool((w[:, rest] != 0).any()):
                         raise DdpmError("its timestep MLP uses sinusoidal features that ddpmkit's time embedding "
-                                        f"(model.time_dim={m.time_dim}) does not have")
+                                        f"(model.time_features={time_features(m)}) does not have")
                     w = w[:, cols]
                 out[f"{a}.{suffix}"] = w
     left = sorted(set(state) - used)
@@ -245,10 +276,11 @@ def unet_config(m: ModelConfig, c_in: int, c_out: int, image_size: int) -> dict[
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": image_size, "in_channels": c_in, "out_channels": c_out, "center_input_sample": False,
-        # ddpmkit's features are [sin, cos] with w_i = 10000^(-i / (time_dim / 2)) (models/unet.py); UNet2DModel's
-        # w_j = 10000^(-j / (first_width // 2 - freq_shift)), equal for j < time_dim / 2 with this shift.
+        # ddpmkit's F = time_features features are [sin, cos] with w_i = 10000^(-i / (F / 2)) (Vaswani et al.
+        # 2017, §3.5; models/unet.timestep_embedding); UNet2DModel's w_j = 10000^(-j / (first_width // 2 -
+        # freq_shift)), equal for j < F / 2 with this shift. The MLP (Linear, SiLU, Linear) is time_dim wide.
         "time_embedding_type": "positional", "time_embedding_dim": m.time_dim, "flip_sin_to_cos": False,
-        "freq_shift": widths[0] // 2 - m.time_dim // 2,
+        "freq_shift": widths[0] // 2 - time_features(m) // 2,
         "down_block_types": ["AttnDownBlock2D" if k in attn else "DownBlock2D" for k in range(len(widths))],
         "mid_block_type": "UNetMidBlock2D",
         "up_block_types": ["AttnUpBlock2D" if k in attn else "UpBlock2D" for k in reversed(range(len(widths)))],
@@ -398,22 +430,32 @@ def adm_of_unet(config: dict[str, Any]) -> tuple[ModelConfig, int, int]:
     base = math.gcd(*widths)
     attn = tuple(k for k, t in enumerate(down) if kinds[t])
     head = c["attention_head_dim"] or widths[-1]  # None: one head per layer
-    time_dim = c["time_embedding_dim"] or 4 * widths[0]
+    time_dim = c["time_embedding_dim"] or 4 * widths[0]  # UNet2DModel's default MLP width
+    # UNet2DModel's frequencies w_j = 10000^(-j / (first // 2 - freq_shift)), j < first // 2, are ddpmkit's
+    # for time_features = 2 * (first // 2 - freq_shift); its MLP must give the others zero weight (`from_diffusers`).
+    shift, half = c["freq_shift"], widths[0] // 2
+    features = 2 * (half - int(shift)) if isinstance(shift, (int, float)) and float(shift).is_integer() else 0
+    groups = c["norm_num_groups"]
+    fits = isinstance(groups, int) and groups > 0 and all(w % groups == 0 for w in widths)
     m = ModelConfig(size="custom", arch="adm", base_channels=base, channel_mults=tuple(w // base for w in widths),
                     attn_levels=attn, num_heads=max(1, widths[-1] // head), time_dim=time_dim,
                     dropout=float(c["dropout"]), num_res_blocks=int(c["layers_per_block"]),
-                    num_classes=int(c["num_class_embeds"]) - 1 if c["num_class_embeds"] else 0)
+                    num_classes=int(c["num_class_embeds"]) - 1 if c["num_class_embeds"] else 0,
+                    time_features=features, norm_groups=groups if fits else 0)
     c_in, c_out = int(c["in_channels"]), int(c["out_channels"])
-    wrong = [p for p in model_problems(m, c_in, c_out) if "GroupNorm" not in p]
-    if time_dim % 2 or widths[0] // 2 - c["freq_shift"] != time_dim // 2:
-        wrong.append(f"its sinusoidal frequencies (block_out_channels[0]={widths[0]}, freq_shift={c['freq_shift']}) "
-                     f"are not ddpmkit's for a {time_dim}-wide time embedding")
+    wrong = []
+    if not 0 < features <= widths[0]:
+        wrong.append(f"its sinusoidal frequencies (block_out_channels[0]={widths[0]}, freq_shift={shift}) are not "
+                     "ddpmkit's for any width of time features (needs 0 <= freq_shift < block_out_channels[0] // 2)")
+    if time_dim % 2:
+        wrong.append(f"time_embedding_dim={time_dim} is odd (ddpmkit's time_dim is even)")
     if any(w % head for w in _attention_widths(m)):
         wrong.append(f"attention_head_dim={head} does not divide every attention layer's width")
-    groups = set(_norm_groups(m, c_in, c_out).values())
-    if groups != {c["norm_num_groups"]} or c["attn_norm_num_groups"] != c["norm_num_groups"]:
-        wrong.append(f"norm_num_groups={c['norm_num_groups']}, attn_norm_num_groups={c['attn_norm_num_groups']} "
-                     f"(ddpmkit's ADM uses {', '.join(map(str, sorted(groups)))} groups at these widths)")
+    if not fits or c["attn_norm_num_groups"] != groups:
+        wrong.append(f"norm_num_groups={groups}, attn_norm_num_groups={c['attn_norm_num_groups']} (ddpmkit's ADM "
+                     f"needs one group count for every GroupNorm that divides every width {widths})")
+    if not wrong:  # a network that builds: what else ADM cannot express (a head count that differs per level)
+        wrong = model_problems(m, c_in, c_out)
     if wrong:
         raise DdpmError(f"it is a UNet2DModel that ddpmkit's ADM cannot reproduce: {'; '.join(wrong)}")
     return m, c_in, c_out

@@ -104,7 +104,21 @@ def read_source(path: str | Path) -> Source:
                   ckpt["ema_state_dict" if ema else "model_state_dict"], _diffusion_of(cfg))
 
 
+def _group_counts(m: ModelConfig) -> str | None:
+    """The ADM network's GroupNorm groups as they are built: one count ("8"), or per width ("8 at 32,
+    16 at 64 channels") when `model.norm_groups` is 0 and the widths get different counts."""
+    if m.arch != "adm":
+        return None
+    if m.norm_groups:
+        return str(m.norm_groups)
+    counts = diffusers_format._norm_groups(m, 3, 3)  # channels -> groups; image channels do not matter
+    if len(set(counts.values())) == 1:
+        return str(next(iter(counts.values())))
+    return ", ".join(f"{g} at {c}" for c, g in sorted(counts.items())) + " channels"
+
+
 # Structure that decides the weights and what they compute: (name in messages, how to read it).
+# time features and groups are compared as built, so 0 ("as time_dim", "per width") equals its value.
 _STRUCTURE: list[tuple[str, Callable[[ModelConfig], Any]]] = [
     ("architecture", lambda m: m.arch),
     ("level widths", lambda m: [m.base_channels * k for k in m.channel_mults]),
@@ -112,6 +126,8 @@ _STRUCTURE: list[tuple[str, Callable[[ModelConfig], Any]]] = [
     ("residual blocks per level", lambda m: m.num_res_blocks if m.arch == "adm" else None),
     ("attention heads", lambda m: m.num_heads),
     ("time_dim", lambda m: m.time_dim),
+    ("time features", lambda m: m.time_features or m.time_dim),
+    ("GroupNorm groups", _group_counts),
     ("classes", lambda m: m.num_classes),
     ("pruned layers", lambda m: len(m.pruned)),
 ]
@@ -131,6 +147,7 @@ def _options_for(m: ModelConfig) -> str:
             f"model.channel_mults={','.join(map(str, m.channel_mults))}",
             f"model.attn_levels={','.join(map(str, m.attn_levels))}", f"model.num_heads={m.num_heads}",
             f"model.time_dim={m.time_dim}"] + ([f"model.num_res_blocks={m.num_res_blocks}"] if m.arch == "adm" else [])
+    sets += [f"model.{k}={getattr(m, k)}" for k in ("time_features", "norm_groups") if getattr(m, k)]
     return "--set model.size=custom " + " ".join(f"--set {s}" for s in sets)
 
 

@@ -31,8 +31,9 @@ def norm_groups(channels: int) -> int:
     return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(norm_groups(channels), channels)
+def _norm(channels: int, groups: int = 0) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups (0: `norm_groups(channels)`, the count chosen per width)."""
+    return nn.GroupNorm(groups or norm_groups(channels), channels)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -51,12 +52,12 @@ class ResBlock(nn.Module):
 
     checkpointable = True
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = 0):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -74,12 +75,12 @@ class AttnBlock(nn.Module):
 
     checkpointable = True
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, groups: int = 0):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
         self.num_heads = num_heads
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -126,27 +127,32 @@ class ADMUNet(nn.Module):
     channels and `num_res_blocks` residual blocks (the decoder has one more per level, one per
     skip); `attn_levels` adds self-attention after the residual blocks of those levels; the
     middle always has attention, as in ADM. The input side must be divisible by
-    2**(len(channel_mults) - 1). `time_dim` is the width of the sinusoidal features and the MLP.
+    2**(len(channel_mults) - 1). `time_dim` is the width of the time MLP; `time_features` the width
+    of the sinusoidal features it reads (0: time_dim). `norm_groups` > 0 gives every GroupNorm that
+    many groups (diffusers' UNet2DModel has one count for all); 0 picks them per width.
     `num_classes` > 0 adds a learned class embedding to the MLP's output (see `unet.add_class`).
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 128, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), attn_levels: tuple[int, ...] = (2,),
-                 num_heads: int = 4, dropout: float = 0.0, num_res_blocks: int = 2, num_classes: int = 0):
+                 num_heads: int = 4, dropout: float = 0.0, num_res_blocks: int = 2, num_classes: int = 0,
+                 time_features: int = 0, norm_groups: int = 0):
         super().__init__()
         self.time_dim = time_dim
+        self.time_features = time_features or time_dim
         self.num_classes = num_classes
         self.num_levels = len(channel_mults)
         self.grad_checkpointing = False
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_features, time_dim), nn.SiLU(),
+                                      nn.Linear(time_dim, time_dim))
         widths = [base_channels * m for m in channel_mults]
         self.conv_in = nn.Conv2d(c_in, widths[0], 3, padding=1)  # level 0's width (base * channel_mults[0])
-        block = dict(emb_dim=time_dim, dropout=dropout)
+        block = dict(emb_dim=time_dim, dropout=dropout, groups=norm_groups)
         self.enc, skip_widths = self._encoder(widths, set(attn_levels), num_heads, num_res_blocks, block)
         top = widths[-1]
-        self.mid = nn.ModuleList([ResBlock(top, top, **block), AttnBlock(top, num_heads), ResBlock(top, top, **block)])
+        self.mid = nn.ModuleList([ResBlock(top, top, **block), AttnBlock(top, num_heads, norm_groups), ResBlock(top, top, **block)])
         self.dec = self._decoder(widths, set(attn_levels), num_heads, num_res_blocks, block, skip_widths)
-        self.out = nn.Sequential(_norm(widths[0]), nn.SiLU(), _zero(nn.Conv2d(widths[0], c_out, 3, padding=1)))
+        self.out = nn.Sequential(_norm(widths[0], norm_groups), nn.SiLU(), _zero(nn.Conv2d(widths[0], c_out, 3, padding=1)))
         if num_classes > 0:  # registered last, so an unconditional network's layout is unchanged
             self.label_emb = class_table(num_classes, time_dim)
 
@@ -156,7 +162,8 @@ class ADMUNet(nn.Module):
         steps, skip_widths, ch = [], [widths[0]], widths[0]
         for level, width in enumerate(widths):
             for _ in range(n_res):
-                step = [ResBlock(ch, width, **block)] + ([AttnBlock(width, heads)] if level in attn else [])
+                step = [ResBlock(ch, width, **block)]
+                step += [AttnBlock(width, heads, block["groups"])] if level in attn else []
                 steps.append(nn.ModuleList(step))
                 ch = width
                 skip_widths.append(ch)
@@ -173,7 +180,7 @@ class ADMUNet(nn.Module):
             width = widths[level]
             for i in range(n_res + 1):
                 step = [ResBlock(ch + skips.pop(), width, **block)]
-                step += [AttnBlock(width, heads)] if level in attn else []
+                step += [AttnBlock(width, heads, block["groups"])] if level in attn else []
                 step += [Upsample(width)] if level > 0 and i == n_res else []
                 steps.append(nn.ModuleList(step))
                 ch = width
@@ -201,7 +208,7 @@ class ADMUNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
+        emb = self.time_mlp(timestep_embedding(t, self.time_features).to(x.dtype))
         silu_emb = F.silu(add_class(emb, getattr(self, "label_emb", None), y))
         h = self.conv_in(x)
         skips = [h]

@@ -26,7 +26,7 @@ def _adm(cfg: ModelConfig, c_in: int, c_out: int) -> nn.Module:
     return ADMUNet(c_in=c_in, c_out=c_out, time_dim=cfg.time_dim, base_channels=cfg.base_channels,
                    channel_mults=tuple(cfg.channel_mults), attn_levels=tuple(cfg.attn_levels),
                    num_heads=cfg.num_heads, dropout=cfg.dropout, num_res_blocks=cfg.num_res_blocks,
-                   num_classes=cfg.num_classes)
+                   num_classes=cfg.num_classes, time_features=cfg.time_features, norm_groups=cfg.norm_groups)
 
 
 # One builder per name in config.ARCHS (a test checks that the two agree).
