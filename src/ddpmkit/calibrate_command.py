@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     clip = {"auto": None, "on": True, "off": False}[args.clip]
     denoiser = diffusion.denoiser(model, clip=clip)
     start = time.perf_counter()
-    results = calibrate.calibrate(denoiser, (diffusion.channels, diffusion.img_size, diffusion.img_size), args.nfe,
+    results = calibrate.calibrate(denoiser, (diffusion.channels, *diffusion.hw), args.nfe,
                                   args.sampler, n=args.n, levels=args.levels, seed=args.seed,
                                   batch_size=args.batch_size, device=diffusion.device,
                                   progress=not args.no_progress)

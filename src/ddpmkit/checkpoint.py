@@ -232,11 +232,12 @@ def model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     from .diffusion import Diffusion
     from .models.registry import build_model
 
-    channels, size = cfg.data.channels or 3, cfg.data.image_size
+    channels, (h, w) = cfg.data.channels or 3, cfg.data.hw
     if cfg.autoencoder.path:  # latent diffusion (latent.py): the network works on the autoencoder's latents
-        channels, size = cfg.autoencoder.latent_channels, size // cfg.autoencoder.downsample
+        f = cfg.autoencoder.downsample
+        channels, h, w = cfg.autoencoder.latent_channels, h // f, w // f
     model = build_model(cfg.model, channels, channels * 2 if cfg.diffusion.learn_sigma else channels)
-    diffusion = Diffusion.from_config(cfg.diffusion, size, channels, device)
+    diffusion = Diffusion.from_config(cfg.diffusion, h if h == w else (h, w), channels, device)
     return model.to(device), diffusion
 
 

@@ -27,7 +27,8 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--epochs", "train", "epochs", int, "total epochs; a larger value continues a finished run"),
     ("--batch-size", "train", "batch_size", int, "images per micro-batch"),
     ("--grad-accum", "train", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--image-size", "data", "image_size", int, "side of the square training images"),
+    ("--image-size", "data", "image_size", "N|HxW", "training image size: N for N x N, or HxW (height x width, "
+     "e.g. 64x48); images are scaled to cover it, keeping their aspect, and center-cropped"),
     ("--channels", "data", "channels", int, "1 (grayscale) or 3 (RGB); 0 = the data's own"),
     ("--hflip", "data", "hflip", bool, "random horizontal flips (true/false)"),
     ("--data-cache", "data", "cache_dir", str, "folder for a memory-mapped cache of decoded images"),
@@ -156,9 +157,12 @@ def _add_train_args(p: argparse.ArgumentParser, flags=None) -> None:
     """--config, the TRAIN_FLAGS (or `flags`), --set, --fresh and --no-progress."""
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with [model] [diffusion] [data] [train]")
     for flag, section, key, typ, text in flags or TRAIN_FLAGS:
-        kind = "true/false" if typ is bool else typ.__name__
-        p.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind.upper() if typ is not bool
-                       else "BOOL", help=f"{text} (default: {_default(section, key)})",
+        if isinstance(typ, str):  # a metavar: the value is text the config parses (e.g. --image-size 64x48)
+            typ, kind = str, typ
+        else:
+            kind = "BOOL" if typ is bool else typ.__name__.upper()
+        p.add_argument(flag, type=str if typ is bool else typ, default=None, metavar=kind,
+                       help=f"{text} (default: {_default(section, key)})",
                        **({"nargs": "?", "const": "true"} if flag in BARE_FLAGS else {}))
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="set any config field, e.g. --set diffusion.loss_weighting=min_snr (repeatable)")
@@ -471,14 +475,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _precision_arg(args)
     if args.samples:
         fake_images = scoring.load_samples(args.samples)
-        size, channels = fake_images.shape[-1], fake_images.shape[1]
+        size, channels = tuple(fake_images.shape[-2:]), fake_images.shape[1]
         device = resolve_device(args.device)
     else:
         ctx, model, diffusion, cfg = _load_for_sampling(args.ckpt, args.device)
         model = _maybe_compiled(args, model, diffusion.device)
         _default_sampler(args, cfg, *SAMPLE_DEFAULT)
         spacing = calibrate.default_schedule(args.ckpt, args.sampler, args.steps, cfg)  # None: the sampler's own
-        size, channels, device = cfg.data.image_size, cfg.data.channels, diffusion.device
+        size, channels, device = cfg.data.hw, cfg.data.channels, diffusion.device
         if ctx.enabled:  # split the samples over the processes, score on process 0
             try:
                 x = generate_distributed(diffusion, model, args.n, batch_size=args.batch_size, seed=args.seed,

@@ -100,10 +100,49 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     path: str = "builtin:digits"             # image folder, or builtin:digits | builtin:shapes
-    image_size: int = 64                     # images are resized and center-cropped to this square size
+    image_size: int = 64                     # image height (and width when image_width is 0); images are
+                                             # scaled to cover it, preserving aspect, and center-cropped
     channels: int = 0                        # 1 or 3; 0 = auto (a builtin's own, 3 for folders)
     hflip: bool = False                      # random horizontal flips while training
     cache_dir: str = ""                      # folder for a memory-mapped decoded-image cache; "" = in memory
+    image_width: int = 0                     # image width; 0 = image_size (square). `--image-size HxW` sets both
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the training images."""
+        return self.image_size, self.image_width or self.image_size
+
+
+def as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image size given as one side (a square) or as (height, width), as (height, width)."""
+    if isinstance(size, (tuple, list)):
+        h, w = size
+        return int(h), int(w)
+    return int(size), int(size)
+
+
+def size_text(size: int | tuple[int, int]) -> str:
+    """"64" for a 64x64 square, "64x48" for 64 high and 48 wide: the way --image-size takes it."""
+    h, w = as_hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def parse_image_size(value: Any) -> tuple[int, int]:
+    """--image-size / data.image_size as (height, width 0 for a square): N, or HxW (height x width)."""
+    if isinstance(value, float) and value.is_integer():  # YAML / JSON may hold 64.0
+        value = int(value)
+    head, sep, tail = str(value).strip().lower().partition("x")
+    try:
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ValueError
+        h, w = int(head), int(tail) if sep else 0
+    except ValueError:
+        raise DdpmError(f"image size {value!r} is not N (a square) or HxW (height x width); pass e.g. "
+                        "--image-size 64 or --image-size 64x48") from None
+    if sep and min(h, w) < 4:
+        raise DdpmError(f"image size {value!r}: height and width must each be >= 4 pixels; pass e.g. "
+                        "--image-size 64x48")
+    return h, (0 if w == h else w)
 
 
 # The widest power-function EMA (`train.ema_sigma_rel`): the flat profile's sqrt(1/12).
@@ -237,7 +276,7 @@ def with_default_model(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[s
     run. `--model-size seed` keeps the tutorial's UNet."""
     if "size" in overrides.get("model", {}):
         return overrides
-    side = int(overrides.get("data", {}).get("image_size", DataConfig.image_size))
+    side = max(parse_image_size(overrides.get("data", {}).get("image_size", DataConfig.image_size)))  # the longer
     ae = overrides.get("autoencoder", {})
     if ae.get("path"):
         side //= int(ae.get("downsample", AutoencoderConfig.downsample))
@@ -312,6 +351,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
             raise DdpmError(f"config section '{section}' must be a table of key = value pairs")
         hints = _hints(section)
         target = getattr(out, section)
+        if section == "data" and "image_size" in values:
+            values = _split_image_size(values)
         if section == "model" and values.get("size", "custom") != "custom":
             # A preset replaces the whole model section; explicit model keys then apply on top.
             target = preset(str(values["size"]))
@@ -321,6 +362,18 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
                 raise _unknown(f"key in [{section}]", key, hints)
             setattr(target, key, _coerce(section, key, value, hints[key]))
     return out
+
+
+def _split_image_size(values: dict[str, Any]) -> dict[str, Any]:
+    """A [data] override whose image_size is "HxW" as image_size = H, image_width = W. A plain number
+    means a square (image_width 0) unless the same override names image_width too."""
+    h, w = parse_image_size(values["image_size"])
+    if w == 0 and "image_width" in values:
+        return values
+    if w and "image_width" in values and _coerce("data", "image_width", values["image_width"], int) not in (0, w):
+        raise DdpmError(f"data.image_size={values['image_size']!r} and data.image_width={values['image_width']!r} "
+                        "disagree; give the size once, e.g. --image-size 64x48")
+    return {**values, "image_size": h, "image_width": w}
 
 
 def load_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -368,12 +421,12 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _check_autoencoder(cfg: Config) -> None:
-    ae, size = cfg.autoencoder, cfg.data.image_size
+    ae, hw = cfg.autoencoder, cfg.data.hw
     _check(ae.downsample in (2, 4, 8), f"autoencoder.downsample must be 2, 4 or 8, got {ae.downsample}")
     f = ae.downsample
-    _check(not ae.path or (size % f == 0 and size // f >= 2),
-           f"image size {size} is not a multiple of the autoencoder's downsample factor {f} (with a latent "
-           f"of at least 2x2); use e.g. --image-size {max(2 * f, size // f * f)}")
+    _check(not ae.path or all(s % f == 0 and s // f >= 2 for s in hw),
+           f"image size {size_text(hw)} is not a multiple of the autoencoder's downsample factor {f} on each side "
+           f"(with a latent of at least 2x2); use e.g. --image-size {size_text([max(2 * f, s // f * f) for s in hw])}")
     _check(ae.latent_channels >= 1, f"autoencoder.latent_channels must be >= 1, got {ae.latent_channels}")
     _check(ae.base_channels >= 4, f"autoencoder.base_channels must be >= 4, got {ae.base_channels}")
     _check(ae.kl_weight >= 0 and ae.disc_weight >= 0 and ae.disc_start >= 0,
@@ -453,13 +506,18 @@ def _validate_data(cfg: Config) -> None:
     data, levels = cfg.data, len(cfg.model.channel_mults)
     _check(bool(data.path), "data.path is empty; pass --data FOLDER or --data builtin:digits")
     _check(data.image_size >= 4, f"data.image_size must be >= 4, got {data.image_size}")
+    _check(data.image_width == 0 or data.image_width >= 4,
+           f"data.image_width must be 0 (square) or >= 4, got {data.image_width}")
+    if data.image_width == data.image_size:  # HxH is the square H: one spelling, so a resume compares equal
+        data.image_width = 0
     factor = 2 ** (levels - 1)
     _check_autoencoder(cfg)
-    size = data.image_size // cfg.autoencoder.downsample if cfg.autoencoder.path else data.image_size
-    _check(size % factor == 0,
-           f"{'latent' if cfg.autoencoder.path else 'image'} size {size} is not divisible by {factor}, which the "
-           f"model's {levels - 1} downsamplings need; use a multiple of {factor} "
-           f"(e.g. {max(factor, size // factor * factor)})")
+    f = cfg.autoencoder.downsample if cfg.autoencoder.path else 1
+    sides = [s // f for s in data.hw]
+    _check(all(s % factor == 0 for s in sides),
+           f"{'latent' if f > 1 else 'image'} size {size_text(sides)} is not divisible by {factor} on each side, "
+           f"which the model's {levels - 1} downsamplings need; use multiples of {factor} "
+           f"(e.g. --image-size {size_text([max(factor, (s + factor // 2) // factor * factor) * f for s in sides])})")
     _check(data.channels in (0, 1, 3), f"data.channels must be 1, 3 or 0 (auto), got {data.channels}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from .config import as_hw, size_text
 from .errors import DdpmError
 from .formats import check_size, is_array_source, read_arrays
 
@@ -124,13 +125,15 @@ def _open_regular(path: str | Path):
         raise
 
 
-def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
-    """Decode one file to (size, size, channels) uint8: convert, resize the short side, center-crop.
+def load_image(path: str | Path, size: int | tuple[int, int], channels: int = 3) -> np.ndarray:
+    """Decode one file to (H, W, channels) uint8, `size` being H = W or (H, W): convert, scale by
+    max(H / h, W / w) so the image covers H x W with its aspect kept, center-crop to H x W.
 
     Raises SkippedFile (or Pillow's / the OS's error) for a file that is not a usable image. An
     image with more pixels than `PIL.Image.MAX_IMAGE_PIXELS` after JPEG draft scaling is refused
     before its pixels are decoded.
     """
+    h, w = as_hw(size)
     Image.init()
     with _open_regular(path) as f:
         try:
@@ -140,7 +143,7 @@ def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
             head = f.read(8)
             raise SkippedFile(f"not a JPEG, PNG, WebP, BMP or GIF image (starts with {head!r})") from None
         with img:
-            img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at a reduced scale
+            img.draft("RGB" if channels == 3 else "L", (w, h))  # JPEG: decode at a reduced scale, >= w x h
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.width * img.height > limit:
                 raise Image.DecompressionBombError(
@@ -148,13 +151,13 @@ def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
                     f"{limit} (PIL.Image.MAX_IMAGE_PIXELS); not decoded (possible decompression bomb)")
             img = ImageOps.exif_transpose(img)
             img = _to_mode(img, channels)
-            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            img = ImageOps.fit(img, (w, h), method=Image.Resampling.BICUBIC)  # Pillow sizes are (width, height)
             arr = np.asarray(img, dtype=np.uint8)
-    return arr.reshape(size, size, channels)
+    return arr.reshape(h, w, channels)
 
 
-def _fingerprint(paths: list[Path], size: int, channels: int) -> str:
-    h = hashlib.sha256(f"v1|{size}|{channels}".encode())
+def _fingerprint(paths: list[Path], size: int | tuple[int, int], channels: int) -> str:
+    h = hashlib.sha256(f"v1|{size_text(size)}|{channels}".encode())  # a square keeps its old key
     for p in paths:
         try:
             st = p.stat()
@@ -164,7 +167,8 @@ def _fingerprint(paths: list[Path], size: int, channels: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple[np.ndarray, int, list[int]]:
+def _decode_all(paths: list[Path], size: int | tuple[int, int], channels: int,
+                log=print) -> tuple[np.ndarray, int, list[int]]:
     """(the decodable images, how many were skipped, the indices into `paths` of those kept)."""
     def one(path: Path):
         try:
@@ -192,11 +196,11 @@ def _decode_all(paths: list[Path], size: int, channels: int, log=print) -> tuple
             good.append(arr)
             kept.append(k)
     if not good:
-        return np.zeros((0, size, size, channels), np.uint8), skipped, kept
+        return np.zeros((0, *as_hw(size), channels), np.uint8), skipped, kept
     return np.stack(good), skipped, kept
 
 
-def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str | Path | None = None,
+def load_folder(root: str | Path, size: int | tuple[int, int], channels: int = 3, cache_dir: str | Path | None = None,
                 log=print) -> ImageData:
     """Decode every image under `root` (skipping unreadable ones with a warning)."""
     root = Path(root)
@@ -223,7 +227,7 @@ def load_folder(root: str | Path, size: int, channels: int = 3, cache_dir: str |
         if cached:
             try:
                 images = np.load(cache_file, mmap_mode="r")
-                if images.ndim == 4 and images.shape[1:] == (size, size, channels):
+                if images.ndim == 4 and images.shape[1:] == (*as_hw(size), channels):
                     # Labels line up with the cache only when no file was skipped when it was built.
                     kept = list(range(len(paths))) if len(images) == len(paths) else None
                     return ImageData(images, str(root), 0, *folder_labels(root, paths, kept))
@@ -274,12 +278,14 @@ def _write_cache(images: np.ndarray, cache_file: Path, log=print) -> np.ndarray:
 
 # --- built-in data sets ----------------------------------------------------------------------
 
-def _resize_stack(arr: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 stack (N, h, w) with bicubic interpolation to (N, size, size)."""
-    return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC)) for a in arr])
+def _resize_stack(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Fit a uint8 stack (N, h, w) to (N, H, W) with bicubic interpolation: scaled to cover H x W,
+    center-cropped (for a square stack and a square size, a plain resize)."""
+    h, w = as_hw(size)
+    return np.stack([np.asarray(ImageOps.fit(Image.fromarray(a), (w, h), Image.Resampling.BICUBIC)) for a in arr])
 
 
-def builtin_digits(size: int) -> np.ndarray:
+def builtin_digits(size: int | tuple[int, int]) -> np.ndarray:
     """scikit-learn's 1,797 8x8 handwritten digits (16 grey levels), bright ink on black, upscaled."""
     try:
         from sklearn.datasets import load_digits
@@ -290,20 +296,21 @@ def builtin_digits(size: int) -> np.ndarray:
     return _resize_stack(small, size)[..., None]
 
 
-def builtin_shapes(size: int, n: int = 2048, seed: int = 0) -> np.ndarray:
+def builtin_shapes(size: int | tuple[int, int], n: int = 2048, seed: int = 0) -> np.ndarray:
     """A generated RGB set: one filled circle, square or triangle of random colour, place and size
-    on a plain background. Deterministic for a given seed."""
+    on a plain background (of H x W, `size` being H = W or (H, W)). Deterministic for a given seed."""
     rng = np.random.default_rng(seed)
     scale = 4  # draw large, then downsample for anti-aliased edges
-    big = size * scale
-    out = np.empty((n, size, size, 3), np.uint8)
+    h, w = as_hw(size)
+    big_h, big_w = h * scale, w * scale
+    out = np.empty((n, h, w, 3), np.uint8)
     for i in range(n):
         bg = tuple(int(c) for c in rng.integers(0, 90, 3))
         fg = tuple(int(c) for c in rng.integers(120, 256, 3))
-        img = Image.new("RGB", (big, big), bg)
+        img = Image.new("RGB", (big_w, big_h), bg)
         draw = ImageDraw.Draw(img)
-        r = rng.uniform(0.18, 0.35) * big
-        cx, cy = rng.uniform(r, big - r, 2)
+        r = rng.uniform(0.18, 0.35) * min(big_h, big_w)
+        cx, cy = rng.uniform(r, [big_w - r, big_h - r])
         kind = rng.integers(3)
         if kind == 0:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
@@ -311,7 +318,7 @@ def builtin_shapes(size: int, n: int = 2048, seed: int = 0) -> np.ndarray:
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX))
+        out[i] = np.asarray(img.resize((w, h), Image.Resampling.BOX))
     return out
 
 
@@ -331,39 +338,40 @@ def _to_uint8(part: np.ndarray) -> np.ndarray:
     return part if part.dtype == np.uint8 else np.round(part * 255.0).astype(np.uint8)
 
 
-def fit_arrays(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
-    """(N, h, w, C) uint8 or float in [0, 1] -> (N, size, size, C) uint8.
+def fit_arrays(images: np.ndarray, size: int | tuple[int, int], chunk: int = 4096) -> np.ndarray:
+    """(N, h, w, C) uint8 or float in [0, 1] -> (N, H, W, C) uint8, `size` being H = W or (H, W).
 
-    A square source up to a quarter smaller than `size` is padded, centred, with the median of
-    its border pixels (MNIST's 28 px digits on black become 32 px digits on black, unscaled, as
-    in the common 32x32 MNIST setting); anything else is resized like folder images (short side
-    to `size` with bicubic, then a centre crop).
+    A source of the target's aspect up to a quarter smaller on each side is padded, centred, with
+    the median of its border pixels (MNIST's 28 px digits on black become 32 px digits on black,
+    unscaled, as in the common 32x32 MNIST setting); anything else is resized like folder images
+    (scaled with bicubic to cover H x W, then a centre crop).
     """
     n, h, w, c = images.shape
-    check_size(n * size * size * c, "the resized images")
-    out = np.empty((n, size, size, c), np.uint8)
-    pad = h == w and h < size <= h + h // 4
+    H, W = as_hw(size)
+    check_size(n * H * W * c, "the resized images")
+    out = np.empty((n, H, W, c), np.uint8)
+    pad = h * W == w * H and h < H <= h + h // 4 and w < W <= w + w // 4
     if pad:
         border = np.concatenate([_to_uint8(images[:chunk, [0, -1]]).reshape(-1, c),
                                  _to_uint8(images[:chunk, :, [0, -1]]).reshape(-1, c)])
         out[:] = np.median(border, axis=0).astype(np.uint8)
-        top, left = (size - h) // 2, (size - w) // 2
+        top, left = (H - h) // 2, (W - w) // 2
     for i in range(0, n, chunk):
         part = _to_uint8(images[i:i + chunk])
-        if (h, w) == (size, size):
+        if (h, w) == (H, W):
             out[i:i + len(part)] = part
         elif pad:
             out[i:i + len(part), top:top + h, left:left + w] = part
         else:
             for k, a in enumerate(part):
                 img = Image.fromarray(a[..., 0] if c == 1 else a)
-                fitted = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-                out[i + k] = np.asarray(fitted, np.uint8).reshape(size, size, c)
+                fitted = ImageOps.fit(img, (W, H), method=Image.Resampling.BICUBIC)
+                out[i + k] = np.asarray(fitted, np.uint8).reshape(H, W, c)
     return out
 
 
-def load_arrays(path: str, size: int, channels: int = 0) -> ImageData:
-    """An IDX / .npy / .npz data set (see formats.py) at `size` px, with its labels when present.
+def load_arrays(path: str, size: int | tuple[int, int], channels: int = 0) -> ImageData:
+    """An IDX / .npy / .npz data set (see formats.py) at `size` (H = W or (H, W)), with its labels when present.
 
     No cache: the arrays are already decoded, and padding or resizing them takes seconds
     (60,000 MNIST digits: well under a second when padded).
@@ -375,9 +383,11 @@ def load_arrays(path: str, size: int, channels: int = 0) -> ImageData:
     return ImageData(images, raw.source, labels=labels, classes=classes)
 
 
-def load_data(path: str, size: int, channels: int = 0, cache_dir: str | None = None, log=print) -> ImageData:
+def load_data(path: str, size: int | tuple[int, int], channels: int = 0, cache_dir: str | None = None,
+              log=print) -> ImageData:
     """Load `builtin:NAME`, an array file (IDX images, .npy, .npz), a folder holding an IDX
-    images file, or an image folder; channels 0 means the data's own (3 for image folders)."""
+    images file, or an image folder, at `size` (a square side, or (height, width)); channels 0
+    means the data's own (3 for image folders)."""
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name == "digits":  # with scikit-learn's labels 0..9

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import samplers, schedules
-from .config import DiffusionConfig
+from .config import DiffusionConfig, as_hw
 
 
 def to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -178,10 +178,11 @@ class Diffusion:
     `EDMDenoiser`. `Diffusion(cfg, img_size=..., channels=..., device=...)` takes a whole
     config; the seed's keywords still work (`Diffusion(noise_steps=1000, beta_start=1e-4,
     beta_end=0.02, img_size=64, device="cuda")`), and so does any DiffusionConfig field given by
-    name (`Diffusion(img_size=8, prediction="v")`), applied on top of `config`.
+    name (`Diffusion(img_size=8, prediction="v")`), applied on top of `config`. `img_size` is the
+    side of square images or (height, width); `hw` is always (height, width).
     """
 
-    def __init__(self, config: DiffusionConfig | None = None, *, img_size: int = 64,
+    def __init__(self, config: DiffusionConfig | None = None, *, img_size: int | tuple[int, int] = 64,
                  device: str | torch.device = "cpu", channels: int = 3, **fields):
         if config is not None and not isinstance(config, DiffusionConfig):
             raise TypeError(f"Diffusion's first argument is a DiffusionConfig, got {type(config).__name__}; "
@@ -197,6 +198,7 @@ class Diffusion:
         self.config = cfg
         self.noise_steps, self.beta_start, self.beta_end = cfg.timesteps, cfg.beta_start, cfg.beta_end
         self.img_size, self.channels, self.device = img_size, channels, torch.device(device)
+        self.hw = as_hw(img_size)
         self.schedule, self.prediction, self.variance = cfg.schedule, cfg.prediction, cfg.variance
         self.clip_denoised, self.learned_variance = cfg.clip_denoised, cfg.learn_sigma
         self.objective, self.sigma_data = cfg.objective, cfg.sigma_data
@@ -208,7 +210,8 @@ class Diffusion:
         self.alpha_hat = self.alpha_bar64.float().to(self.device)
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig, img_size: int, channels: int, device="cpu") -> "Diffusion":
+    def from_config(cls, cfg: DiffusionConfig, img_size: int | tuple[int, int], channels: int,
+                    device="cpu") -> "Diffusion":
         return cls(cfg, img_size=img_size, channels=channels, device=device)
 
     def prepare_noise_schedule(self) -> torch.Tensor:
@@ -270,7 +273,7 @@ class Diffusion:
             bar = tqdm(total=n, desc=f"sampling ({sampler})", disable=not progress, unit="img")
             for start in range(0, n, batch_size):
                 b = min(batch_size, n - start)
-                x = samplers.run(denoiser, (b, self.channels, self.img_size, self.img_size), sampler, steps,
+                x = samplers.run(denoiser, (b, self.channels, *self.hw), sampler, steps,
                                  seed=seed, first_index=first_index + start, spacing=spacing, device=self.device,
                                  **options)
                 chunks.append(self.to_images(x).cpu())

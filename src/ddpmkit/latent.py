@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 
 from .checkpoint import config_of, load_checkpoint, load_state, model_from_config
-from .config import Config
+from .config import Config, size_text
 from .data import ImageData, epoch_generator, load_data, num_batches, to_model_range
 from .diffusion import Diffusion
 from .errors import DdpmError
@@ -65,8 +65,8 @@ class AutoencoderLoss:
 
     def draw(self, n: int, like: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The reparameterization noise of each image's latent (drawn by the trainer: exact resume)."""
-        h = like.shape[-1] // self.a.downsample
-        return {"noise": torch.randn((n, self.a.latent_channels, h, h), generator=generator, device=like.device)}
+        h, w = (side // self.a.downsample for side in like.shape[-2:])
+        return {"noise": torch.randn((n, self.a.latent_channels, h, w), generator=generator, device=like.device)}
 
     def __call__(self, net, x0: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         recon, mean, logvar = net(x0, draws["noise"])
@@ -93,10 +93,11 @@ class AutoencoderTask(Task):
     command = "ddpm train-ae"
 
     def data(self, cfg: Config, log: Callable) -> ImageData:
-        d, f = cfg.data, cfg.autoencoder.downsample
-        if d.image_size % f or d.image_size // f < 2:
-            raise DdpmError(f"--image-size {d.image_size} is not a multiple of --downsample {f} with a latent of at "
-                            f"least 2x2; use e.g. --image-size {max(2 * f, d.image_size // f * f)}")
+        hw, f = cfg.data.hw, cfg.autoencoder.downsample
+        if any(s % f or s // f < 2 for s in hw):
+            fix = size_text([max(2 * f, s // f * f) for s in hw])
+            raise DdpmError(f"--image-size {size_text(hw)} is not a multiple of --downsample {f} on each side with a "
+                            f"latent of at least 2x2; use e.g. --image-size {fix}")
         return super().data(cfg, log)
 
     def build(self, cfg: Config, device: torch.device):
@@ -171,7 +172,10 @@ def latent_overrides(ae_path: str, overrides: dict[str, dict[str, Any]]) -> dict
     a = config_of(ckpt, ae_path)
     out = {k: dict(v) for k, v in overrides.items()}
     out["autoencoder"] = {**dataclasses.asdict(a.autoencoder), "path": str(ae_path)}
-    out.setdefault("data", {}).setdefault("image_size", a.data.image_size)
+    if "image_size" not in out.setdefault("data", {}):
+        out["data"]["image_size"] = a.data.image_size
+        if a.data.image_width:  # a non-square autoencoder: its width too
+            out["data"]["image_width"] = a.data.image_width
     out["data"].setdefault("channels", a.data.channels)
     return out
 
@@ -270,10 +274,11 @@ def cached_latents(ae: AutoencoderKL, images: np.ndarray, cache_dir: str, device
 
 
 def _check_match(a: Config, cfg: Config, channels: int, path: str) -> None:
-    if a.data.image_size != cfg.data.image_size or a.data.channels != channels:
-        raise DdpmError(f"the autoencoder {path} was trained on {a.data.image_size}x{a.data.image_size} images with "
-                        f"{a.data.channels} channel(s), but this run uses {cfg.data.image_size}x{cfg.data.image_size} "
-                        f"with {channels}; pass --image-size {a.data.image_size} and data with {a.data.channels} "
+    if a.data.hw != cfg.data.hw or a.data.channels != channels:
+        (h, w), (rh, rw) = a.data.hw, cfg.data.hw
+        raise DdpmError(f"the autoencoder {path} was trained on {h}x{w} images with "
+                        f"{a.data.channels} channel(s), but this run uses {rh}x{rw} "
+                        f"with {channels}; pass --image-size {size_text(a.data.hw)} and data with {a.data.channels} "
                         f"channel(s), or train an autoencoder at this size with `ddpm train-ae`")
     keys = ("downsample", "latent_channels", "base_channels")
     if any(getattr(a.autoencoder, k) != getattr(cfg.autoencoder, k) for k in keys):
@@ -302,9 +307,9 @@ class LatentDiffusion(Diffusion):
         return self.autoencoder.channels
 
     @property
-    def image_size(self) -> int:
-        """Side of the decoded images: the latent's side times the autoencoder's downsampling f."""
-        return self.img_size * self.autoencoder.downsample
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the decoded images: the latent's times the autoencoder's downsampling f."""
+        return self.hw[0] * self.autoencoder.downsample, self.hw[1] * self.autoencoder.downsample
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(x / self.scale_factor).clamp(-1, 1)
@@ -352,7 +357,7 @@ class LatentTask(Task):
                             "--autoencoder")
         self.device = _device_of(cfg)
         self.ae, a = load_autoencoder(path, self.device)
-        images = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, log)
+        images = load_data(cfg.data.path, cfg.data.hw, cfg.data.channels, cfg.data.cache_dir, log)
         _check_match(a, cfg, images.channels, path)
         latents = cached_latents(self.ae, images.images, cfg.data.cache_dir, self.device, False, log)
         flipped = cached_latents(self.ae, images.images, cfg.data.cache_dir, self.device, True, log) \

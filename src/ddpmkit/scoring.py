@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import size_text
 from .data import IMAGE_EXTENSIONS, list_images, load_data, load_image
 from .errors import DdpmError
 from .extractors import FeatureExtractor, InceptionExtractor, RandomConvExtractor, compute_features
@@ -50,9 +51,10 @@ def make_extractor(name: str = "auto", inception_path: str | None = None,
     return InceptionExtractor(path, device=device)
 
 
-def reference_key(ref: str, size: int, channels: int) -> str:
+def reference_key(ref: str, size: int | tuple[int, int], channels: int) -> str:
     """Identifies the reference images: a builtin's name, or the files (a folder's images, or one array file)
-    with their sizes and mtimes."""
+    with their sizes and mtimes; and the image size (N or HxW) and channels they are loaded at."""
+    size = size_text(size)  # a square keeps the key it had before non-square sizes
     if ref.startswith("builtin:"):
         return f"{ref}|{size}|{channels}"
     entries = []
@@ -67,7 +69,7 @@ def reference_key(ref: str, size: int, channels: int) -> str:
     return f"{dataset_fingerprint(entries)}|{size}|{channels}"
 
 
-def reference_stats(ref: str, size: int, channels: int, extractor: FeatureExtractor,
+def reference_stats(ref: str, size: int | tuple[int, int], channels: int, extractor: FeatureExtractor,
                     cache_dir: str | Path | None = None, batch_size: int = 64, log=print) -> dict[str, Any]:
     """Features and statistics of the reference data, computed once and cached (no augmentation)."""
     def compute():
@@ -91,7 +93,7 @@ def load_samples(path: str | Path) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(files[0]) as first:
-            size, channels = first.size[0], 1 if first.mode in ("L", "I;16", "I") else 3
+            size, channels = (first.height, first.width), 1 if first.mode in ("L", "I;16", "I") else 3
         return torch.from_numpy(np.stack([load_image(f, size, channels) for f in files])).permute(0, 3, 1, 2)
     if path.suffix not in (".npy", ".npz") or not path.is_file():
         raise DdpmError(f"--samples {path} must be a folder of images or an existing .npy/.npz file")

@@ -61,7 +61,7 @@ class Task:
         """The training set: anything with `images` (N rows), `channels`, `labels` (or None), `source`, len().
 
         Called once per process (rank 0 of each node first when data.cache_dir is set)."""
-        return load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, log)
+        return load_data(cfg.data.path, cfg.data.hw, cfg.data.channels, cfg.data.cache_dir, log)
 
     def batches(self, data, cfg: Config, epoch: int, start: int, rank: int, world: int,
                 device: torch.device) -> Iterator[torch.Tensor]:

@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
                          save_training)
-from .config import SIGMA_REL_MAX, Config, apply_overrides, new_run_config, validate, with_default_model
+from .config import (SIGMA_REL_MAX, Config, apply_overrides, new_run_config, size_text, validate,
+                     with_default_model)
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
 from .guidance.cfg import LabelledNet
@@ -163,7 +164,12 @@ def prepare(overrides: dict[str, dict[str, Any]], fresh: bool = False, log: Call
     cfg = validate(apply_overrides(stored, overrides))
     if cfg.data.channels == 0:
         cfg.data.channels = stored.data.channels
-    for section, fields in (("model", None), ("diffusion", None), ("data", ("image_size", "channels"))):
+    if stored.data.hw != cfg.data.hw:
+        raise DdpmError(f"run '{cfg.train.run_name}' was trained at image size {size_text(stored.data.hw)}, not "
+                        f"{size_text(cfg.data.hw)}; drop --image-size to resume, pick another --run-name, or pass "
+                        "--fresh to start over")
+    for section, fields in (("model", None), ("diffusion", None),
+                            ("data", ("image_size", "image_width", "channels"))):
         a, b = dataclasses.asdict(getattr(stored, section)), dataclasses.asdict(getattr(cfg, section))
         for key in fields or a:
             if a[key] != b[key]:
@@ -390,7 +396,7 @@ class _Trainer:
         if ckpt is None:
             n_params = sum(p.numel() for p in self.state.model.parameters()) / 1e6
             self.log(f"starting run '{t.run_name}': {len(data)} images of {self.cfg.data.image_size}x"
-                     f"{self.cfg.data.image_size}x{data.channels} from {self.cfg.data.path}, model "
+                     f"{self.cfg.data.hw[1]}x{data.channels} from {self.cfg.data.path}, model "
                      f"'{self.cfg.model.size}' ({n_params:.2f}M parameters) on {self.device}")
             return
         if ckpt.get("task_state") is not None:

@@ -168,8 +168,7 @@ def quantize(ckpt_path: str | Path, out_dir: str | Path, calib_n: int = 256, see
         if int8:
             quantize_model(model, calib, out_dir / ONNX)
         else:
-            s = cfg.data.image_size
-            _export(model, (torch.zeros(2, cfg.data.channels or 3, s, s), torch.zeros(2)), out_dir / ONNX)
+            _export(model, (torch.zeros(2, cfg.data.channels or 3, *cfg.data.hw), torch.zeros(2)), out_dir / ONNX)
         meta = {"quantized": {"backend": backend, "format": "QDQ int8" if int8 else "fp32", "calib_n": len(calib),
                               "calib_steps": CALIB_STEPS, "fp32": list(FP32_NAMES) if int8 else ["all"]},
                 "config": cfg.to_dict(), "global_step": ckpt.get("global_step")}

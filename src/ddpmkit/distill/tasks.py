@@ -51,7 +51,7 @@ class DistillTask(Task):
 
     def data(self, cfg: Config, log: Callable):
         if self._data is None:
-            self._data = load_data(cfg.data.path, cfg.data.image_size, cfg.data.channels, cfg.data.cache_dir, log)
+            self._data = load_data(cfg.data.path, cfg.data.hw, cfg.data.channels, cfg.data.cache_dir, log)
         return self._data
 
     def build(self, cfg: Config, device: torch.device):
@@ -202,7 +202,7 @@ class StudentTask(DistillTask):
             denoiser = diffusion.denoiser(model.eval())
             channels = cfg.data.channels or 3
             seed = int(np.random.SeedSequence([cfg.train.seed, PAIR_SEED_STREAM]).generate_state(1)[0] >> 2)
-            arr = make_pairs(self.pairs_path, self.pairs, (channels, cfg.data.image_size, cfg.data.image_size),
+            arr = make_pairs(self.pairs_path, self.pairs, (channels, *cfg.data.hw),
                              denoiser, seed, device, log)
             self._data = PairData(arr, str(self.pairs_path))
         return self._data
@@ -264,7 +264,7 @@ class SFDTask(DistillTask):
         return self._data
 
     def batches(self, data, cfg, epoch, start, rank, world, device):
-        shape = (data.channels, cfg.data.image_size, cfg.data.image_size)
+        shape = (data.channels, *cfg.data.hw)
         return noise_batches(data, shape, cfg.train.batch_size, start, rank, world, device)
 
     def build(self, cfg, device):

@@ -269,7 +269,7 @@ def from_diffusers(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
 
 # --- configs ----------------------------------------------------------------------------------
 
-def unet_config(m: ModelConfig, c_in: int, c_out: int, image_size: int) -> dict[str, Any]:
+def unet_config(m: ModelConfig, c_in: int, c_out: int, image_size: int | list[int]) -> dict[str, Any]:
     """The UNet2DModel config.json of the ADM network `m` (which `model_problems` accepted)."""
     widths, attn = _widths(m), set(m.attn_levels)
     groups = next(iter(_norm_groups(m, c_in, c_out).values()))
@@ -324,7 +324,7 @@ tags: [ddpmkit]
 {task}---
 # {Path(str(ckpt_path)).parent.name or 'ddpmkit model'}
 
-A {cfg.data.image_size}x{cfg.data.image_size} diffusion model trained with ddpmkit (ADM backbone, \
+A {cfg.data.hw[0]}x{cfg.data.hw[1]} diffusion model trained with ddpmkit (ADM backbone, \
 {d.timesteps} steps, {d.schedule} schedule, {d.prediction}-prediction), exported as a diffusers `DDPMPipeline`.
 {classes}
 ```python
@@ -368,7 +368,7 @@ def export_diffusers(ckpt_path: str | Path, out_dir: str | Path, ema: bool = Tru
         tmp = out_dir / UNET_DIR / f".{UNET_WEIGHTS}.tmp{os.getpid()}"
         save_file(state, str(tmp), metadata={"format": "pt", "source": "ddpmkit", "weights": key.split("_")[0]})
         os.replace(tmp, out_dir / UNET_DIR / UNET_WEIGHTS)
-        _write_json(out_dir / UNET_DIR / UNET_CONFIG, unet_config(cfg.model, c_in, c_out, cfg.data.image_size))
+        _write_json(out_dir / UNET_DIR / UNET_CONFIG, unet_config(cfg.model, c_in, c_out, list(cfg.data.hw) if cfg.data.image_width else cfg.data.image_size))
         _write_json(out_dir / SCHEDULER_DIR / SCHEDULER_CONFIG, scheduler_config(cfg))
         _write_json(out_dir / PIPELINE_INDEX, {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                                                "scheduler": ["diffusers", "DDPMScheduler"],

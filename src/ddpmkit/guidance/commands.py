@@ -91,11 +91,11 @@ def sample(args, model, diffusion, cfg, options: dict, out: Path | None) -> int:
         raise DdpmError("--trajectory is not available with --class, --inpaint or a class-conditional model")
     if bool(args.inpaint) != bool(args.mask):
         raise DdpmError("--inpaint IMAGE and --mask MASK go together; give both")
-    (channels, size), k = image_shape(diffusion), cfg.model.num_classes  # a latent model's decoded images
+    (channels, hw), k = image_shape(diffusion), cfg.model.num_classes  # a latent model's decoded images
     known = mask = None
     if args.inpaint:
-        mask = load_mask(args.mask, size)
-        known = load_guide(args.inpaint, size, channels, "--inpaint image", exact=True)
+        mask = load_mask(args.mask, hw)
+        known = load_guide(args.inpaint, hw, channels, "--inpaint image", exact=True)
     labels, n, per_class = None, args.n, None
     if args.klass is not None:
         labels = torch.tensor([parse_class(args.klass, cfg.model)])
@@ -136,8 +136,8 @@ def edit(args, load) -> int:
         raise DdpmError(f"--out {args.out} must end in .png, .jpg, .webp or .bmp")
     model, diffusion, cfg = load(args.ckpt, args.device, not args.no_ema)
     _check_guidance(args, cfg.model)
-    channels, size = image_shape(diffusion)  # a latent model's decoded images, which generate encodes
-    init = load_guide(args.init, size, channels, "--init image", exact=False)
+    channels, hw = image_shape(diffusion)  # a latent model's decoded images, which generate encodes
+    init = load_guide(args.init, hw, channels, "--init image", exact=False)
     labels = None if args.klass is None else torch.tensor([parse_class(args.klass, cfg.model)])
     images = generate(diffusion, model, args.n, labels=labels, guidance=args.guidance, rescale_phi=args.rescale,
                       interval=args.guidance_interval,

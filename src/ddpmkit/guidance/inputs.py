@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..config import as_hw
 from ..errors import DdpmError
 
 
@@ -48,26 +49,30 @@ def _open(path: str | Path, what: str) -> Image.Image:
                         "use a PNG or JPEG") from None
 
 
-def load_mask(path: str | Path, size: int) -> torch.Tensor:
-    """(1, 1, size, size) float mask from a single-channel image: 1 (white) = generate, 0 = keep."""
+def load_mask(path: str | Path, size: int | tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) float mask from a single-channel image of H x W (`size`: H = W or (H, W)): 1 (white)
+    = generate, 0 = keep."""
     img = _open(path, "mask")
     if img.mode not in ("L", "1"):
         raise DdpmError(f"mask {path} has mode {img.mode}; it must be a single-channel image (mode L or 1: "
                         "white = generate, black = keep), e.g. convert it with PIL's Image.convert('L')")
-    if img.size != (size, size):
-        raise DdpmError(f"mask {path} is {img.size[0]}x{img.size[1]} but the model makes {size}x{size} "
-                        f"images; give a {size}x{size} mask")
+    h, w = as_hw(size)
+    if img.size != (w, h):  # Pillow sizes are (width, height)
+        raise DdpmError(f"mask {path} is {img.height}x{img.width} (height x width) but the model makes {h}x{w} "
+                        f"images; give a {h}x{w} mask")
     arr = np.asarray(img.convert("L"), dtype=np.uint8)
     return torch.from_numpy((arr > 127).astype(np.float32))[None, None]
 
 
-def load_guide(path: str | Path, size: int, channels: int, what: str, exact: bool) -> torch.Tensor:
-    """(1, C, size, size) image in [-1, 1]. `exact`: the image must already be size x size (inpainting,
-    whose pixels must line up with the mask); otherwise it is resized and center-cropped."""
+def load_guide(path: str | Path, size: int | tuple[int, int], channels: int, what: str, exact: bool) -> torch.Tensor:
+    """(1, C, H, W) image in [-1, 1] (`size`: H = W or (H, W)). `exact`: the image must already be
+    H x W (inpainting, whose pixels must line up with the mask); otherwise it is scaled to cover
+    H x W and center-cropped, as training images are."""
     img = _open(path, what)
-    if exact and img.size != (size, size):
-        raise DdpmError(f"{what} {path} is {img.size[0]}x{img.size[1]} but the model makes {size}x{size} "
-                        f"images; give a {size}x{size} image")
+    h, w = as_hw(size)
+    if exact and img.size != (w, h):  # Pillow sizes are (width, height)
+        raise DdpmError(f"{what} {path} is {img.height}x{img.width} (height x width) but the model makes "
+                        f"{h}x{w} images; give a {h}x{w} image")
     from ..data import load_image  # the training data's own decoding: same conversion and crop
 
     arr = np.array(load_image(path, size, channels))  # a writable copy

@@ -54,20 +54,21 @@ def _rows(value: torch.Tensor | None, start: int, b: int) -> torch.Tensor | None
     return value[start:start + b]
 
 
-def image_shape(diffusion) -> tuple[int, int]:
-    """(channels, side) of the images `diffusion` makes: a latent model's decoded ones, not its latents'."""
-    return (getattr(diffusion, "image_channels", diffusion.channels), getattr(diffusion, "image_size",
-                                                                              diffusion.img_size))
+def image_shape(diffusion) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) of the images `diffusion` makes: a latent model's decoded ones, not
+    its latents'."""
+    return (getattr(diffusion, "image_channels", diffusion.channels), getattr(diffusion, "image_hw", diffusion.hw))
 
 
-def _check_image(value: torch.Tensor | None, name: str, channels: tuple[int, ...], size: int, n: int) -> None:
+def _check_image(value: torch.Tensor | None, name: str, channels: tuple[int, ...], hw: tuple[int, int],
+                 n: int) -> None:
     if value is None:
         return
     if value.ndim != 4 or value.shape[0] not in (1, n) or value.shape[1] not in channels or \
-            tuple(value.shape[2:]) != (size, size):
+            tuple(value.shape[2:]) != tuple(hw):
         rows = "1" if n == 1 else f"{n} or 1"
         raise DdpmError(f"{name} has shape {tuple(value.shape)}, but this model needs ({rows}, "
-                        f"{' or '.join(map(str, channels))}, {size}, {size}) at its image size; resize it "
+                        f"{' or '.join(map(str, channels))}, {hw[0]}, {hw[1]}) at its image size; resize it "
                         "(guidance.load_guide and load_mask read files at that size)")
 
 
@@ -113,12 +114,12 @@ def generate(diffusion, model: nn.Module, n: int, *, labels: torch.Tensor | None
     it; 1 is an ordinary sample from the same seed). known, mask and init are images at the
     model's image size ((n or 1, C, H, W), mask (n or 1, 1, H, W)), for a latent model too.
     """
-    channels, size = image_shape(diffusion)
+    channels, hw = image_shape(diffusion)
     if (known is None) != (mask is None):
         raise DdpmError("inpainting needs both `known` (the image) and `mask` (1 = generate); give both or neither")
-    _check_image(known, "the inpainting image", (channels,), size, n)
-    _check_image(mask, "the inpainting mask", (1, channels), size, n)
-    _check_image(init, "the SDEdit image", (channels,), size, n)
+    _check_image(known, "the inpainting image", (channels,), hw, n)
+    _check_image(mask, "the inpainting mask", (1, channels), hw, n)
+    _check_image(init, "the SDEdit image", (channels,), hw, n)
     if init is not None and strength == 0.0:
         return init.expand(n, *init.shape[1:]).clamp(-1, 1).cpu().clone()
     if sampler == "ddpm":
@@ -137,7 +138,7 @@ def generate(diffusion, model: nn.Module, n: int, *, labels: torch.Tensor | None
             if known is not None:
                 den = InpaintDenoiser(den, _to_model_space(diffusion, _rows(known, start, b), device),
                                       _to_model_space(diffusion, _rows(mask, start, b), device, is_mask=True))
-            x = _run_chunk(den, (b, diffusion.channels, diffusion.img_size, diffusion.img_size), sampler, steps,
+            x = _run_chunk(den, (b, diffusion.channels, *diffusion.hw), sampler, steps,
                            seed, first_index + start, spacing, device,
                            _to_model_space(diffusion, _rows(init, start, b), device), strength, resample, options)
             if known is not None:
