@@ -26,7 +26,10 @@ DEFAULT_STEPS = {"progressive": 4, "student": 1, "consistency": 1, "sfd": 4}
 # The student's own sampler, `ddpm sample`'s default for it. An SFD student takes plain DDIM steps on
 # the nested grid, which is what the `progressive` entry samples (sfd.py: the levels it trains at).
 SAMPLER = {"progressive": "progressive", "student": "ddim", "consistency": "consistency", "sfd": "progressive"}
-DEFAULT_IMAGES = {"progressive": 20000, "student": 50000, "consistency": 50000, "sfd": 20000}  # per stage for progressive
+# sfd: 10,000 noise draws. On the 150k-image digits teacher a 4-step student scored digits FD 20.40 with
+# 10k and 20.43 with 20k (five draws of 1,000 each); 10k took 371 s on 2 EPYC cores, under the
+# teacher's own training time (benchmarks/README.md, bench_distill.py).
+DEFAULT_IMAGES = {"progressive": 20000, "student": 50000, "consistency": 50000, "sfd": 10000}  # per stage for progressive
 MAX_START_STEPS = 64  # progressive: start from at most this many teacher DDIM steps
 PAIR_EPOCHS = 5  # student: default pairs = images / PAIR_EPOCHS, so each pair is seen about 5 times
 SFD_EPOCH_ROWS = 10_000  # sfd: noise draws per epoch (a checkpoint at every epoch end)
