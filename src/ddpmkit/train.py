@@ -350,7 +350,7 @@ class _Trainer:
             self.net = compile_network(self.net, self.device)
         self.params = list(self.state.model.parameters())
         self.precision = self.state.precision
-        self.step_loss = torch.zeros((), device=self.device)  # this optimizer step's logged loss, summed
+        self.step_loss = torch.zeros((), device=self.device)  # fp16: this optimizer step's logged loss, summed
         self.writer = make_logger(self.cfg, self.paths.runs, self.ctx.is_main, resume=ckpt is not None, log=self.log)
         self.metric = None  # the training-time FID, built at its first use
         self.stopping = False
@@ -496,7 +496,8 @@ class _Trainer:
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             loss, logged = self._loss(b, x, y)
             self.precision.backward(loss / group_n)
-        self.step_loss += logged
+        if self.precision.scaler is not None:  # only fp16's overflow test reads it
+            self.step_loss += logged
         self.window.loss_sum += logged
         self.window.n += 1
         self.window.images += x.shape[0]
@@ -536,7 +537,9 @@ class _Trainer:
         """
         s, t, p = self.state, self.cfg.train, self.precision
         self.steps_tried += 1
-        step_loss, self.step_loss = self.step_loss, torch.zeros((), device=self.device)
+        step_loss = self.step_loss
+        if p.scaler is not None:
+            self.step_loss = torch.zeros((), device=self.device)
         p.unscale(s.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
