@@ -59,6 +59,32 @@ def test_resume_after_one_epoch_is_bit_identical(image_folder, tmp_path, sigma_r
     assert_same_training_state(states(tmp_path / "straight"), states(tmp_path / "resumed"))
 
 
+def test_adamw_is_fused_where_the_device_has_the_kernel():
+    cpu = train_module.adamw([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    assert cpu.param_groups[0]["fused"] is True
+    meta = train_module.adamw([torch.nn.Parameter(torch.ones(3, device="meta"))], lr=1e-3)  # no fused kernel
+    assert not meta.param_groups[0]["fused"] and meta.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_one(image_folder, tmp_path, precision):
+    """A checkpoint written by the per-parameter AdamW (its param_groups say fused None) resumes
+    with this build's fused kernel: under fp16 a mismatch would hand GradScaler's found_inf to the
+    unfused step, which refuses it. The moments carry over, so the result is the straight run's."""
+    run(overrides(image_folder, tmp_path / "straight", epochs=2, precision=precision))
+    run(overrides(image_folder, tmp_path / "resumed", epochs=1, precision=precision))
+    path = tmp_path / "resumed" / "models" / "r" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["optimizer_state_dict"]["param_groups"][0]["fused"] is True
+    for group in ckpt["optimizer_state_dict"]["param_groups"]:
+        group["fused"] = group["foreach"] = None  # as the unfused AdamW writes it
+    checkpoint.atomic_save(ckpt, path)
+    assert run(overrides(image_folder, tmp_path / "resumed", epochs=2, precision=precision))["status"] == "finished"
+    b = states(tmp_path / "resumed")
+    assert b["optimizer_state_dict"]["param_groups"][0]["fused"] is True
+    assert_same_training_state(states(tmp_path / "straight"), b)
+
+
 def test_graceful_stop_mid_epoch_then_step_level_resume(image_folder, tmp_path, monkeypatch):
     ov = overrides(image_folder, tmp_path / "straight", epochs=2, grad_accum=2)
     run(ov)

@@ -336,7 +336,12 @@ def restore_training(state, ckpt: dict[str, Any], cfg: Config, n_images: int, wo
         load_state(state.ema.model, ckpt["ema_state_dict"], path, "EMA")
     elif state.ema is not None:
         state.ema.model.load_state_dict(state.model.state_dict())
-    state.opt.load_state_dict(ckpt["optimizer_state_dict"])
+    # The moments and step counts are the same for every AdamW kernel; the kernel (fused or not,
+    # train.adamw) stays this build's, so a checkpoint written where the fused one was missing
+    # resumes fused here and vice versa (load_state_dict would otherwise take the stored flags).
+    kernel = {key: state.opt.param_groups[0].get(key) for key in ("fused", "foreach")}
+    saved = ckpt["optimizer_state_dict"]
+    state.opt.load_state_dict({**saved, "param_groups": [{**g, **kernel} for g in saved["param_groups"]]})
     sched = state.sched
     sched.load_state_dict(ckpt["scheduler_state_dict"])
     sched.base_lrs = [t.lr] * len(state.opt.param_groups)  # --lr and --weight-decay may change on resume

@@ -126,6 +126,20 @@ class EMA:
             b_ema.copy_(b)
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # torch >= 2.4 has the fused AdamW kernel for both
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where the parameters' device has it, else torch's
+    default (per-parameter on a CPU, multi-tensor elsewhere). Both apply the same update up to
+    float rounding. On the `tiny` preset (1.40M parameters in 166 tensors) the fused step took
+    2.5 ms against 11.0 ms (AVX-512 EPYC, 2 threads), about 6% of a 16 px batch-64 training step.
+    A resumed run uses this choice whatever its checkpoint was written with (restore_training)."""
+    params = list(params)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
+
+
 def power_ema_gamma(sigma_rel: float) -> float:
     """The exponent gamma of a power-function EMA whose relative width is sigma_rel.
 
@@ -385,7 +399,7 @@ class _Trainer:
         flag = getattr(t, "grad_checkpoint", None)
         if flag is not None and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(flag)
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        opt = adamw(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         total = t.epochs * math.ceil(self.n_batches / t.grad_accum)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, functools.partial(lr_factor, warmup=t.warmup_steps, total=total, schedule=t.lr_schedule))
