@@ -709,7 +709,7 @@ def test_cli_sample_passes_its_condition_flags_on(fake_ckpt, tmp_path, capsys):
     assert torch.equal(kw.pop("labels"), torch.tensor([0, 0, 1, 1]))
     assert kw == {"n": 4, "guidance": 1.0, "rescale_phi": 0.0, "interval": None, "known": None, "mask": None,
                   "resample": 1, "sampler": "dpm++2m", "steps": 20, "spacing": None, "seed": 0, "batch_size": 64,
-                  "bf16": False, "clip": None}
+                  "bf16": "auto", "clip": None}  # ddpm sample's default precision
 
 
 def test_cli_edit_passes_its_flags_on(fake_ckpt, tmp_path, capsys):

@@ -113,12 +113,14 @@ def setup(image_folder, tmp_path):
 def test_ddp_matches_one_process_with_the_same_global_batch_and_resumes_exactly(setup, tmp_path):
     # 2 processes x batch 4 x accumulation 2 against 1 process x batch 8 x accumulation 2: global
     # batches of 8 images, 3 per epoch (8, 8, 7), optimizer steps of 2 + 1 batches, 2 epochs.
-    args = ("--batch-size", "4", "--grad-accum", "2", "--sample-every", "1", "--sample-steps", "2")
+    # fp32: the tolerances below are fp32 rounding's (the default `auto` is bf16 on some CPUs).
+    args = ("--batch-size", "4", "--grad-accum", "2", "--sample-every", "1", "--sample-steps", "2",
+            "--precision", "fp32")
     ranks = ddp_train(setup, tmp_path / "ddp", *args, "--epochs", "2")
     assert "starting run" in ranks[0][1] and "starting run" not in ranks[1][1]  # rank 0 alone reports
     assert {p.name for p in (tmp_path / "ddp/results/r").iterdir()} >= {"0.jpg", "1.jpg"}
     assert main(["train", "--config", str(setup), "--workdir", str(tmp_path / "one"), "--no-progress",
-                 "--batch-size", "8", "--grad-accum", "2", "--epochs", "2"]) == 0
+                 "--batch-size", "8", "--grad-accum", "2", "--epochs", "2", "--precision", "fp32"]) == 0
     a, b = ckpt_of(tmp_path / "ddp"), ckpt_of(tmp_path / "one")
     assert a["global_step"] == b["global_step"] == 4 and a["world_size"] == 2
     # The weights agree up to float rounding, not bit for bit: each rank's backward sums the

@@ -73,6 +73,29 @@ def test_bf16_switch_and_old_checkpoints_become_precision_bf16():
     assert validate(Config()).train.precision == "fp32"  # the default stays fp32
 
 
+def test_new_runs_and_ddpm_sample_default_to_auto_and_bf16_false_still_means_fp32(tmp_path):
+    from ddpmkit.cli import _precision_arg, build_parser, train_overrides
+
+    def train_precision(*flags):
+        args = build_parser().parse_args(["train", "--workdir", str(tmp_path), *flags])
+        return prepare(train_overrides(args), fresh=True)[0].train.precision
+
+    assert train_precision() == "auto"
+    assert train_precision("--bf16", "false") == "fp32" and train_precision("--bf16", "true") == "bf16"
+    assert train_precision("--set", "train.bf16=false") == "fp32"
+    assert train_precision("--bf16", "true", "--precision", "bf16") == "bf16"
+    assert train_precision("--precision", "fp16") == "fp16"
+    for argv, meant in ((["sample", "--ckpt", "c.pt"], "auto"), (["sample", "--ckpt", "c.pt", "--precision", "fp32"],
+                        False), (["eval", "--ckpt", "c.pt", "--ref", "r"], False), (["sample", "--ckpt", "c.pt", "--bf16"], True)):
+        args = build_parser().parse_args(argv)
+        _precision_arg(args)
+        assert args.bf16 == meant, argv  # what the samplers take: False fp32, True bf16, or a name
+    # A run stored before `auto` became the new-run default keeps its precision when it resumes.
+    stored = Config().to_dict()
+    del stored["train"]["precision"]
+    assert validate(from_dict(stored)).train.precision == "fp32"
+
+
 def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))

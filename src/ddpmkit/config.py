@@ -245,11 +245,16 @@ class Config:
 #   * a checkpoint every 10 minutes on top of epoch ends and SIGTERM, so a disconnect or a kill -9
 #     loses at most 10 minutes of training (a save of the 31M-parameter `cifar` preset, 480 MiB with
 #     its optimizer state, took 5.3 s on a 2-vCPU EPYC, under 1% of that: benchmarks/bench_ckpt.py).
+#   * precision `auto`: bf16 autocast where the hardware runs bf16 natively, fp32 elsewhere. On the
+#     150k-image digits benchmark (`tiny`, lr 1e-3, five draws of 1,000 each) two training seeds
+#     scored FD 23.65 and 17.67 in bf16 against 22.67 and 18.01 in fp32 (mean +1.6%), and bf16
+#     trained in 395-417 s against 596 s on an AVX-512 EPYC with avx512_bf16.
 # The model size is chosen by the image size (`default_model_size`) when the run names none.
 RECIPE: dict[str, dict[str, Any]] = {"diffusion": {"prediction": "v", "loss_weighting": "min_snr",
                                                    "schedule": "cosine"},
                                      "train": {"lr_schedule": "cosine", "sample_sampler": "dpm++2m",
-                                               "sample_steps": 20, "ckpt_every_minutes": 10.0}}
+                                               "sample_steps": 20, "ckpt_every_minutes": 10.0,
+                                               "precision": "auto"}}
 
 
 def new_run_config() -> "Config":
@@ -268,6 +273,17 @@ TINY_MAX_SIDE = 32
 def default_model_size(side: int) -> str:
     """The preset a new run without any model option trains at this image (or latent) side."""
     return "tiny" if side <= TINY_MAX_SIDE else "small"
+
+
+def bf16_alias(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`overrides` with an explicit `train.bf16` and no `train.precision` spelled as the precision it
+    means: true is bf16, false is fp32 (not the new-run default `auto`, which may pick bf16)."""
+    t = overrides.get("train", {})
+    if "bf16" not in t or "precision" in t:
+        return overrides
+    rest = {k: v for k, v in t.items() if k != "bf16"}
+    on = _coerce("train", "bf16", t["bf16"], bool)  # flags and --set give text such as "false"
+    return {**overrides, "train": {**rest, "precision": "bf16" if on else "fp32"}}
 
 
 def with_default_model(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -560,7 +576,7 @@ def _validate_train(cfg: Config) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16", "auto"),
            f"train.precision must be fp32, bf16, fp16 or auto, got '{t.precision}'")
     if t.bf16:  # the older switch (and checkpoints written with it): the same as precision bf16
-        _check(t.precision in ("fp32", "bf16"), f"train.bf16=true means precision bf16, but train.precision is "
+        _check(t.precision in ("fp32", "bf16", "auto"), f"train.bf16=true means precision bf16, but train.precision is "
                f"'{t.precision}'; give only --precision (or only --bf16 true)")
         t.precision, t.bf16 = "bf16", False
 

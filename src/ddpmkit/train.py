@@ -36,6 +36,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (check_channels, config_of, load_checkpoint, new_history, position_of, restore_training,
                          save_training)
-from .config import (SIGMA_REL_MAX, Config, apply_overrides, new_run_config, size_text, validate,
+from .config import (SIGMA_REL_MAX, Config, apply_overrides, bf16_alias, new_run_config, size_text, validate,
                      with_default_model)
 from .data import epoch_labels, num_batches
 from .errors import DdpmError
@@ -164,6 +165,7 @@ def prepare(overrides: dict[str, dict[str, Any]], fresh: bool = False, log: Call
     only the given overrides change it; changing the model, the diffusion or the image format of
     an existing run is an error.
     """
+    overrides = bf16_alias(overrides)
     cfg = validate(apply_overrides(new_run_config(), with_default_model(overrides)))
     paths = RunPaths.of(cfg)
     if fresh or not paths.ckpt.exists():
@@ -411,7 +413,8 @@ class _Trainer:
             n_params = sum(p.numel() for p in self.state.model.parameters()) / 1e6
             self.log(f"starting run '{t.run_name}': {len(data)} images of {self.cfg.data.image_size}x"
                      f"{self.cfg.data.hw[1]}x{data.channels} from {self.cfg.data.path}, model "
-                     f"'{self.cfg.model.size}' ({n_params:.2f}M parameters) on {self.device}")
+                     f"'{self.cfg.model.size}' ({n_params:.2f}M parameters) on {self.device} in "
+                     f"{self.state.precision.name}{' (auto)' if t.precision == 'auto' else ''}")
             return
         if ckpt.get("task_state") is not None:
             self.task.load_extra_state(ckpt["task_state"])
@@ -431,6 +434,11 @@ class _Trainer:
         # Built after loading the checkpoint; DDP also broadcasts rank 0's weights here. Gradients
         # live in the all-reduce buckets (no second copy of them).
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # On a CPU under bf16 autocast, a 1x1 convolution's weight gradient came back with
+        # channels_last strides ([3, 8, 1, 1]: (8, 1, 8, 8) against the bucket's (8, 1, 1, 1)), which
+        # for a 1x1 kernel is the same memory order; DDP's reducer still warned in four lines of a
+        # C++ trace. The gradients are right either way (a mismatch costs a copy), so not shown.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     # --- the loop ---
