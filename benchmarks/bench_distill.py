@@ -64,7 +64,7 @@ def _tiny_teacher(workdir: Path) -> str:
                                    "time_dim": 16},
                          "diffusion": {"timesteps": 64, "prediction": "v"},
                          "train": {"workdir": str(workdir), "run_name": "teacher", "epochs": 1, "batch_size": 64,
-                                   "sample_every_epochs": 0, "device": "cpu"}})
+                                   "sample_every_epochs": 0, "device": "cpu", "precision": "fp32"}})
     train(cfg, ckpt, progress=False)
     return str(workdir / "models" / "teacher" / "ckpt.pt")
 

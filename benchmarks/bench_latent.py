@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     args.device_t = resolve_device(args.device)
     base = {"data": {"path": args.data, "image_size": args.image_size},
             "train": {"workdir": str(work), "epochs": 10**6, "batch_size": args.batch_size, "device": args.device,
-                      "sample_every_epochs": 0, "log_every": 10}}
+                      "sample_every_epochs": 0, "log_every": 10, "precision": "fp32"}}
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "device_t"}}
 
     # 1. the autoencoder

@@ -229,7 +229,8 @@ def train_ddpmkit(folder: Path, n_train: int, args, workdir: Path) -> dict:
         "model": {"size": args.model_size},
         "data": {"path": str(folder), "image_size": SIZE, "channels": 1},
         "train": {"workdir": str(workdir), "run_name": "bench_quality", "epochs": epochs, "device": args.device,
-                  "batch_size": args.batch_size, "sample_every_epochs": 0, "sample_every_steps": 0},
+                  "batch_size": args.batch_size, "sample_every_epochs": 0, "sample_every_steps": 0,
+                  "precision": "fp32"},  # as diffusers trains here; --ddpmkit-set train.precision=auto|bf16
     }
     if args.train_seed is not None:
         overrides["train"]["seed"] = args.train_seed

@@ -37,7 +37,8 @@ def train_teacher(folder: Path, workdir: Path, images: int, n_train: int, seed: 
                       "diffusion": {"prediction": "eps", "schedule": "linear"},
                       "train": {"workdir": str(workdir), "run_name": "teacher", "epochs": epochs, "batch_size": 64,
                                 "lr": 1e-3, "warmup_steps": 100, "lr_schedule": "cosine", "seed": seed,
-                                "sample_every_epochs": 0, "device": "cpu"}}, fresh=True, log=lambda *a: None)
+                                "sample_every_epochs": 0, "device": "cpu", "precision": "fp32"}},
+                     fresh=True, log=lambda *a: None)
     start = time.perf_counter()
     summary = train(cfg, None, log=lambda *a: None, progress=False)
     return summary["ckpt"], time.perf_counter() - start
